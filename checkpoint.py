@@ -1,0 +1,136 @@
+"""Run directories and checkpoints.
+
+A run directory `<save-dir>/<model>_<loss>_<dataset>_<timestamp or --run-name>/` holds:
+`config.json` (the resolved configuration), `last.pth` (written every epoch and on Ctrl-C), `best.pth`
+(on improvement of the validation per-class F1), `log.csv` (one row per epoch) and, after --evaluate,
+the report files. A checkpoint is a plain dict (see `make_checkpoint`), written atomically.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils import UserError, atomic_torch_save, atomic_write_json, atomic_write_text
+
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint or run directory that cannot be used as asked."""
+
+
+def dataset_tag(data: str) -> str:
+    """Short dataset name for run-directory names: a known name as is, a path by its last folder."""
+    return Path(str(data).rstrip("/")).name or "data"
+
+
+def run_dir_name(model: str, loss: str, data: str, run_name: str | None = None) -> str:
+    return f"{model}_{loss}_{dataset_tag(data)}_{run_name or time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def make_run_dir(save_dir: str | Path, model: str, loss: str, data: str, run_name: str | None = None) -> Path:
+    """Create a fresh run directory; an existing --run-name is refused rather than overwritten."""
+    path = Path(save_dir) / run_dir_name(model, loss, data, run_name)
+    if path.exists() and any(path.iterdir()):
+        raise CheckpointError(f"Run directory '{path}' already exists; pick another --run-name, resume it with "
+                              f"--resume {path}, or delete it.")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def find_latest_run(save_dir: str | Path, model: str, loss: str, data: str) -> Path:
+    """The newest run directory of this model/loss/dataset that has a best.pth (for --evaluate)."""
+    prefix = f"{model}_{loss}_{dataset_tag(data)}_"
+    runs = sorted((p for p in Path(save_dir).glob(prefix + "*") if (p / "best.pth").is_file()),
+                  key=lambda p: (p / "best.pth").stat().st_mtime)
+    if not runs:
+        raise CheckpointError(f"No trained run of {model} + {loss} on {dataset_tag(data)} under '{save_dir}' "
+                              f"(looked for {prefix}*/best.pth); train one first with the same --model, "
+                              f"--loss-function and --data, or pass --checkpoint RUN_DIR.")
+    return runs[-1]
+
+
+def json_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The configuration with Paths as strings, so it is JSON (never a pickled argparse.Namespace)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}
+
+
+def save_config(run_dir: Path, config: dict[str, Any]) -> None:
+    atomic_write_json(run_dir / "config.json", json_config(config))
+
+
+def load_config(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"'{run_dir}' is not a run directory (no config.json); give the folder that "
+                              f"training created under --save-dir.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"'{path}' is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    atomic_torch_save(path, checkpoint)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
+    """Load a checkpoint dict written by save_checkpoint, with one clear sentence if that is impossible."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint '{path}' does not exist; train first, or point --checkpoint/--resume "
+                              f"at a run directory that has it.")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"Checkpoint '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
+                              f"it may be truncated or not a checkpoint of this project.") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"'{path}' is not a checkpoint of this project (version {CHECKPOINT_VERSION}).")
+    return checkpoint
+
+
+def check_compatible(checkpoint: dict[str, Any], model: str, vocabulary: list[str], source: str | Path,
+                     head: str = "fc") -> None:
+    """Refuse a checkpoint made for another model, head or vocabulary, naming both."""
+    config = checkpoint["config"]
+    made = f"{config['model']} (head {config.get('head', 'fc')})"
+    wanted = f"{model} (head {head})"
+    if made != wanted:
+        raise CheckpointError(f"Checkpoint '{source}' was made with {made}, but {wanted} was asked for; "
+                              f"use --model {config['model']} or another checkpoint.")
+    saved = checkpoint["vocabulary"]
+    if saved != list(vocabulary):
+        diff = sorted(set(saved) ^ set(vocabulary))
+        detail = f"labels in one but not the other: {diff[:8]}" if diff else "same labels in another order"
+        raise CheckpointError(f"Checkpoint '{source}' has a vocabulary of {len(saved)} labels and the dataset "
+                              f"has {len(vocabulary)} ({detail}); evaluate it on the dataset it was trained on.")
+
+
+class CSVLogger:
+    """Appends one row per epoch to log.csv; the header is fixed by the first row."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def log(self, row: dict[str, Any]) -> None:
+        new = not self.path.exists()
+        fields = list(row) if new else self.path.open().readline().strip().split(",")
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drop rows of epochs >= `epoch` (a resumed run rewrites them)."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) < epoch]
+        atomic_write_text(self.path, "".join(kept))

@@ -1,0 +1,341 @@
+"""Datasets in the annotation format shared by Corel-5k, ESP-Game and IAPR-TC-12.
+
+Layout of a dataset root::
+
+    <root>/train.json       {"samples": [{"image_name": "1000.jpeg", "image_labels": ["sky", "sun"]}, ...],
+    <root>/test.json         "labels": [...vocabulary...]}
+    <root>/train_aug.json   (optional, --augmentation) the GAN-generated copies, same format ("labels" may be absent)
+    <root>/images/          the photos (the published archive also keeps generated images here)
+    <root>/aug-images/      where our ML-WGAN-GP writes its generated images
+
+The vocabulary order is the order of train.json's "labels"; targets are multi-hot float vectors in that order.
+Images are decoded to RGB (grey, CMYK, palette and RGBA images included), resized to a square
+`image_size` x `image_size` with bilinear filtering (as the study does) and handed out as uint8 (3, S, S)
+tensors: conversion to float, flips and normalisation happen batched on the compute device (engine.py).
+
+Honest protocol: a validation split (`val_size` images, seeded) is held out of train.json for model
+selection and threshold fitting; the GAN copies of validation images are dropped from training so that
+nothing about a validation image leaks into training.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from utils import UserError
+
+REPO_DIR = Path(__file__).resolve().parent
+# CLI name -> folder next to main.py (the study keeps Corel-5k there).
+DATASETS = {"Corel-5k": REPO_DIR / "Corel-5k", "ESP-Game": REPO_DIR / "ESP-Game", "IAPR-TC-12": REPO_DIR / "IAPR-TC-12"}
+DEMO_ROOT = REPO_DIR / "data" / "demo"
+IMAGE_DIRS = ("images", "aug-images")
+# A GAN copy is named <original stem><suffix>.<ext>; the longest suffixes first so that "_aug" matches last.
+AUG_SUFFIX = re.compile(r"(_aug_hor_flip|_aug_rot_90|_aug)$")
+FIRST_FEW = 5
+
+
+class DatasetError(UserError, ValueError):
+    """A dataset problem the user can fix (missing folder, malformed annotation file, missing images...)."""
+
+
+class BadImageError(UserError, OSError):
+    """An image file that cannot be read or decoded."""
+
+
+def resolve_data_root(data: str) -> Path:
+    """Map `--data` (a dataset name, 'demo', or a path) to an existing dataset root folder.
+
+    'demo' generates the built-in demo dataset on first use (see demo_dataset.py).
+    """
+    if data == "demo":
+        from demo_dataset import ensure_demo_dataset  # imported lazily: only the demo needs the generator
+
+        return ensure_demo_dataset(DEMO_ROOT)
+    root = DATASETS.get(data, Path(data)).expanduser()
+    if not root.is_dir():
+        hint = (f"put the dataset there (train.json, test.json and images/; see Corel-5k/README.md)"
+                if data in DATASETS else "check the path")
+        raise DatasetError(
+            f"Dataset root '{root}' does not exist: {hint}, pass --data with another path "
+            f"(known names: {', '.join(sorted(DATASETS))}), or run the built-in demo with --data demo.")
+    return root
+
+
+def read_annotations(path: str | Path, require_labels: bool = True) -> tuple[list[dict], list[str] | None]:
+    """Read one annotation JSON file and return (samples, vocabulary).
+
+    Each sample is a dict with "image_name" (str) and "image_labels" (list of str). The vocabulary is the
+    file's "labels" list, or None when `require_labels` is False and the file has none (train_aug.json).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"Annotation file '{path}' is missing: a dataset root needs train.json and test.json "
+                           f"in the format {{\"samples\": [{{\"image_name\", \"image_labels\"}}], \"labels\": [...]}}.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"Annotation file '{path}' is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno} "
+                           f"(character {e.pos}); fix or re-download the file.") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"Annotation file '{path}' is not UTF-8 text (byte {e.start}); "
+                           f"it should be a JSON file.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("samples"), list):
+        raise DatasetError(f"Annotation file '{path}' has no \"samples\" list at the top level; expected "
+                           f"{{\"samples\": [{{\"image_name\": ..., \"image_labels\": [...]}}], \"labels\": [...]}}.")
+    vocabulary = data.get("labels")
+    if vocabulary is None and require_labels:
+        raise DatasetError(f"Annotation file '{path}' has no \"labels\" list (the vocabulary); add it at the top level.")
+    if vocabulary is not None:
+        if not isinstance(vocabulary, list) or not all(isinstance(v, str) for v in vocabulary):
+            raise DatasetError(f"Annotation file '{path}': \"labels\" must be a list of strings.")
+        duplicates = sorted({v for v in vocabulary if vocabulary.count(v) > 1}) if len(set(vocabulary)) != len(vocabulary) else []
+        if duplicates:
+            raise DatasetError(f"Annotation file '{path}': the vocabulary lists {duplicates} more than once.")
+    for i, s in enumerate(data["samples"]):
+        if (not isinstance(s, dict) or not isinstance(s.get("image_name"), str)
+                or not isinstance(s.get("image_labels"), list)
+                or not all(isinstance(label, str) for label in s["image_labels"])):
+            raise DatasetError(f"Annotation file '{path}': sample {i} ({str(s)[:80]}) needs a string \"image_name\" "
+                               f"and a list of strings \"image_labels\".")
+    return data["samples"], vocabulary
+
+
+def multi_hot(samples: Sequence[dict], vocabulary: Sequence[str], source: str | Path) -> torch.Tensor:
+    """Multi-hot float targets (N, C) in vocabulary order; labels outside the vocabulary are an error."""
+    index = {label: j for j, label in enumerate(vocabulary)}
+    unknown = sorted({label for s in samples for label in s["image_labels"] if label not in index})
+    if unknown:
+        raise DatasetError(f"Annotation file '{source}' uses {len(unknown)} label(s) that are not in the vocabulary: "
+                           f"{', '.join(unknown[:20])}{' ...' if len(unknown) > 20 else ''}; add them to \"labels\" "
+                           f"or fix the samples.")
+    rows = [i for i, s in enumerate(samples) for _ in s["image_labels"]]
+    cols = [index[label] for s in samples for label in s["image_labels"]]
+    targets = torch.zeros(len(samples), len(vocabulary))  # (N, C)
+    targets[rows, cols] = 1.0
+    return targets
+
+
+def locate_images(root: Path, names: Sequence[str]) -> list[Path | None]:
+    """Path of each image under <root>/images/ or <root>/aug-images/ (None where it is in neither)."""
+    listings = [(root / d, set(p.name for p in (root / d).iterdir()) if (root / d).is_dir() else set()) for d in IMAGE_DIRS]
+    # Names may carry sub-folders; those are checked on disk, plain names against the listings (fast for 20k files).
+    found = []
+    for name in names:
+        hit = None
+        for folder, listing in listings:
+            if ("/" not in name and name in listing) or ("/" in name and (folder / name).is_file()):
+                hit = folder / name
+                break
+        found.append(hit)
+    return found
+
+
+@dataclass
+class Split:
+    """One split: image names, their files and multi-hot targets (N, C)."""
+
+    name: str
+    image_names: list[str]
+    paths: list[Path]
+    targets: torch.Tensor
+    skipped: list[str] = field(default_factory=list)  # listed images that were missing and skipped
+
+    def __len__(self) -> int:
+        return len(self.image_names)
+
+    def subset(self, indices: Sequence[int], name: str) -> "Split":
+        idx = list(indices)
+        return Split(name, [self.image_names[i] for i in idx], [self.paths[i] for i in idx], self.targets[idx])
+
+
+@dataclass
+class DatasetSplits:
+    root: Path
+    vocabulary: list[str]
+    train: Split
+    val: Split
+    test: Split
+    protocol: str  # "holdout" (validation held out of train.json) or "study" (selection on the test set)
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def _make_split(root: Path, filename: str, vocabulary: list[str], skip_missing: bool, name: str,
+                require_labels: bool = True) -> Split:
+    path = root / filename
+    samples, file_vocabulary = read_annotations(path, require_labels=require_labels)
+    if file_vocabulary is not None and file_vocabulary != vocabulary:
+        only_here = [v for v in file_vocabulary if v not in vocabulary]
+        only_train = [v for v in vocabulary if v not in file_vocabulary]
+        detail = (f"only in {filename}: {only_here[:10]}; only in train.json: {only_train[:10]}"
+                  if only_here or only_train else "same labels in a different order")
+        raise DatasetError(f"The vocabulary of '{path}' differs from train.json's ({detail}); "
+                           f"all splits must share one \"labels\" list in the same order.")
+    targets = multi_hot(samples, vocabulary, path)
+    names = [s["image_name"] for s in samples]
+    paths = locate_images(root, names)
+    missing = [n for n, p in zip(names, paths) if p is None]
+    if missing and not skip_missing:
+        raise DatasetError(
+            f"{len(missing)} of {len(names)} images listed in '{path}' are not in {root / 'images'} or "
+            f"{root / 'aug-images'} (first few: {', '.join(missing[:FIRST_FEW])}); add the images, or pass "
+            f"--skip-bad-images to train without them.")
+    keep = [i for i, p in enumerate(paths) if p is not None]
+    split = Split(name, [names[i] for i in keep], [paths[i] for i in keep], targets[keep])
+    split.skipped = missing
+    return split
+
+
+def original_name(image_name: str) -> str:
+    """The training image a GAN copy was made from: '1000_aug_rot_90.jpeg' -> '1000.jpeg'."""
+    stem, dot, ext = image_name.rpartition(".")
+    if not dot:
+        stem, ext = image_name, ""
+    base = AUG_SUFFIX.sub("", stem)
+    return f"{base}.{ext}" if dot else base
+
+
+def load_dataset(root: Path, augmentation: bool = False, val_size: int = 500, seed: int = 0,
+                 select_on_test: bool = False, skip_missing: bool = False) -> DatasetSplits:
+    """Read train/test (and train_aug with `augmentation`) under `root` and build train/val/test splits.
+
+    With `select_on_test` the study's protocol is used: no validation split, the test set serves for model
+    selection. Otherwise `val_size` images of train.json (a seeded permutation) are held out as validation.
+    """
+    _, vocabulary = read_annotations(root / "train.json")
+    train = _make_split(root, "train.json", vocabulary, skip_missing, "train")
+    test = _make_split(root, "test.json", vocabulary, skip_missing, "test")
+    if select_on_test:
+        val, protocol = test, "study"
+    else:
+        if not 0 < val_size < len(train):
+            raise DatasetError(f"--val-size {val_size} must be between 1 and {len(train) - 1} (train.json has "
+                               f"{len(train)} usable images); or pass --select-on-test for the study's protocol.")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        val = train.subset(sorted(order[:val_size]), "val")
+        train, skipped = train.subset(sorted(order[val_size:]), "train"), train.skipped
+        train.skipped = skipped
+        protocol = "holdout"
+    if augmentation:
+        aug = _make_split(root, "train_aug.json", vocabulary, skip_missing, "train_aug", require_labels=False)
+        # Drop GAN copies of validation images: they would leak validation content into training.
+        held_out = set(val.image_names) if protocol == "holdout" else set()
+        keep = [i for i, n in enumerate(aug.image_names) if original_name(n) not in held_out]
+        aug_kept = aug.subset(keep, "train_aug")
+        skipped = train.skipped + aug.skipped
+        train = Split("train", train.image_names + aug_kept.image_names, train.paths + aug_kept.paths,
+                      torch.cat([train.targets, aug_kept.targets]), skipped)
+    return DatasetSplits(root, vocabulary, train, val, test, protocol)
+
+
+def load_image(path: str | Path, image_size: int) -> torch.Tensor:
+    """Decode one image to RGB, resize it to (image_size, image_size) bilinearly; uint8 tensor (3, S, S)."""
+    try:
+        with Image.open(path) as im:
+            # Palette images with transparency must pass through RGBA, or PIL warns and may pick wrong colours.
+            if im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")
+            im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            array = np.asarray(im, dtype=np.uint8)  # (S, S, 3)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"Image '{path}' cannot be read ({type(e).__name__}: {e}); replace the file, or pass "
+                            f"--skip-bad-images to skip unreadable images.") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+class AnnotationDataset(Dataset):
+    """Images of one split as uint8 (3, S, S) tensors with multi-hot targets.
+
+    Items are (image, target, index, ok). With `skip_bad_images`, an unreadable image gives a zero image and
+    ok=False, and the training loop drops it from the batch and counts it; otherwise it raises BadImageError.
+    With `cache` (an array (N, 3, S, S) uint8 from image_cache.py) images are read from it instead of decoded.
+    """
+
+    def __init__(self, split: Split, image_size: int, skip_bad_images: bool = False, cache: np.ndarray | None = None):
+        self.split = split
+        self.image_size = image_size
+        self.skip_bad_images = skip_bad_images
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        target = self.split.targets[index]
+        if self.cache is not None:
+            return torch.from_numpy(np.ascontiguousarray(self.cache[index])), target, index, True
+        try:
+            image = load_image(self.split.paths[index], self.image_size)
+        except BadImageError:
+            if not self.skip_bad_images:
+                raise
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), target, index, False
+        return image, target, index, True
+
+
+def split_fingerprint(split: Split, image_size: int) -> str:
+    """A key that changes whenever the split's files, their sizes/mtimes or the image size change."""
+    h = hashlib.sha1(f"{split.name}|{image_size}".encode())
+    for p in split.paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Index order for one epoch: a permutation drawn from (seed, epoch) alone, or 0..N-1 when not shuffling.
+
+    `set_epoch(epoch, skip=k)` starts the epoch after its first k indices, so an interrupted epoch resumes with
+    exactly the batches it had left. With `num_replicas` > 1 (DistributedDataParallel) each rank takes every
+    num_replicas-th index of the order padded to a multiple of num_replicas, as DistributedSampler does.
+    """
+
+    def __init__(self, num_samples: int, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.num_samples)
+        padded = -(-self.num_samples // self.num_replicas) * self.num_replicas
+        if padded > self.num_samples:
+            # Pad with the first indices so every rank gets the same count (evaluation de-duplicates them).
+            order = torch.cat([order, order[: padded - self.num_samples]])
+        return order[self.rank::self.num_replicas].tolist()[self.skip:]
+
+    def __iter__(self):
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        return max(-(-self.num_samples // self.num_replicas) - self.skip, 0)
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, *, shuffle: bool, seed: int = 0,
+                drop_last: bool = False, num_replicas: int = 1, rank: int = 0,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over an EpochSampler; call `loader.sampler.set_epoch(epoch, skip)` before each epoch.
+
+    The loader gets its own generator so that creating its iterator never draws from the global RNG
+    (which drives dropout), keeping runs and resumed runs bit-identical.
+    """
+    sampler = EpochSampler(len(dataset), shuffle, seed, num_replicas, rank)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+        pin_memory=pin_memory, persistent_workers=False, generator=torch.Generator().manual_seed(seed),
+        prefetch_factor=4 if num_workers > 0 else None)

@@ -1,0 +1,208 @@
+"""Training and evaluation loops.
+
+Functions take explicit objects (model, loader, loss, optimiser, device) and return dicts of floats (or tensors
+of predictions); they never read or change the command-line arguments. Batches arrive as uint8 (B, 3, S, S) and
+are converted, flipped and normalised on the compute device, so the loader moves 4x fewer bytes than float32.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from metrics import compute_metrics
+from utils import UserError
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def get_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA if available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available here; use --device cpu or auto.")
+    return device
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the forward pass runs: autocast dtype (None = fp32) and memory format."""
+
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def autocast(self, device: torch.device):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.amp_dtype)
+
+
+def resolve_precision(amp: str, channels_last: str, device: torch.device) -> Precision:
+    """Turn the --amp / --channels-last choices into a Precision for `device`.
+
+    'auto' means: on CUDA bf16 (fp16 where bf16 is unsupported) and channels_last; on CPU fp32 NCHW, which
+    bench/run.py measured as the fastest on CPUs without bf16 matrix units.
+    """
+    cuda = device.type == "cuda"
+    if amp == "auto":
+        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    else:
+        dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if dtype is torch.float16 and not cuda:
+        raise UserError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or none.")
+    cl = cuda if channels_last == "auto" else channels_last == "on"
+    return Precision(dtype, cl)
+
+
+class BatchPreprocessor:
+    """uint8 (B, 3, S, S) on any device -> normalised float (B, 3, S, S) on `device`, optionally h-flipped.
+
+    Flips are given per batch as a bool mask (see `epoch_flips`), so they depend only on (seed, epoch, image)
+    and not on batch order, worker count, device or where an interrupted run resumed.
+    """
+
+    def __init__(self, mean, std, device: torch.device, precision: Precision = Precision()):
+        self.device = device
+        self.precision = precision
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0  # (1, 3, 1, 1), on the uint8 scale
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+
+    def __call__(self, images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).float()  # (B, 3, S, S) in [0, 255]
+        if flip is not None:
+            x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
+        x = (x - self.mean) / self.std
+        if self.precision.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def epoch_flips(num_images: int, seed: int, epoch: int) -> torch.Tensor:
+    """Horizontal-flip decision of every training image in `epoch`: bool (N,), p = 0.5, from (seed, epoch) alone."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.rand(num_images, generator=generator) < 0.5
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands: batches done and the running loss; saved in mid-epoch checkpoints."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+
+
+def _split_batch(batch):
+    images, targets, indices, ok = batch
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().flatten()
+        keep = ok.nonzero().flatten()
+        return images[keep], targets[keep], indices[keep], indices[bad].tolist()
+    return images, targets, indices, []
+
+
+def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    device: torch.device, preprocess: BatchPreprocessor, *, epoch: int,
+                    flips: torch.Tensor | None = None, scheduler=None, scaler: torch.amp.GradScaler | None = None,
+                    ema=None, state: EpochProgress | None = None, progress: bool = True,
+                    bad_images: list | None = None) -> dict[str, float]:
+    """One pass over `loader`; returns {'train/loss': mean loss per image, 'train/images_per_s', 'lr'}.
+
+    `flips` (N,) bool: per-image horizontal flips for this epoch (None = no flips). `state` is updated after
+    every batch, so a caller that catches KeyboardInterrupt knows how far the epoch got; a resumed epoch passes
+    the saved state and a loader that starts at `state.step`. Steps the scheduler per batch (OneCycleLR).
+    Indices of unreadable images skipped by the loader are appended to `bad_images`. Raises
+    NonFiniteLossError naming the epoch and batch if the loss is NaN or infinite.
+    """
+    model.train()
+    state = state if state is not None else EpochProgress()
+    reduction_sum = getattr(criterion, "reduction", "sum") == "sum"
+    start, seen_before = time.perf_counter(), state.seen
+    bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, disable=not progress, dynamic_ncols=True,
+               initial=state.step, total=state.step + len(loader))
+    for batch in bar:
+        images, targets, indices, bad = _split_batch(batch)
+        if bad_images is not None:
+            bad_images.extend(bad)
+        if images.shape[0] > 0:
+            x = preprocess(images, flips[indices] if flips is not None else None)
+            targets = targets.to(device, non_blocking=True)
+            with preprocess.precision.autocast(device):
+                logits = model(x)  # (B, C)
+            loss = criterion(logits.float(), targets)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"The training loss became {loss.item()} at epoch {epoch + 1}, batch {state.step + 1}; the last "
+                    f"good checkpoint is kept. Lower --learning-rate, or check the data and the loss settings.")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            # Accumulate the batch's summed loss, whatever the reduction, to report a per-image mean.
+            state.loss_sum += loss.item() * (1 if reduction_sum else images.shape[0])
+            state.seen += images.shape[0]
+            bar.set_postfix(loss=f"{state.loss_sum / state.seen:.4f}")
+        # The schedule advances once per batch even for an all-bad batch, so its length stays as planned.
+        if scheduler is not None:
+            scheduler.step()
+        state.step += 1
+    elapsed = time.perf_counter() - start
+    return {"train/loss": state.loss_sum / max(state.seen, 1),
+            "train/images_per_s": (state.seen - seen_before) / max(elapsed, 1e-9),
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, preprocess: BatchPreprocessor, *,
+            desc: str = "predict", progress: bool = True) -> dict[str, torch.Tensor]:
+    """Run `model` over `loader`; returns {'logits': (N, C), 'probs': (N, C), 'targets': (N, C), 'indices': (N,)} on CPU, float32.
+
+    Rows come in loader order; unreadable images (skipped by the loader) are left out and listed in 'bad' (N_bad,).
+    """
+    model.eval()
+    logits, targets, indices, bad = [], [], [], []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        images, target, index, bad_here = _split_batch(batch)
+        bad.extend(bad_here)
+        if images.shape[0] == 0:
+            continue
+        with preprocess.precision.autocast(device):
+            out = model(preprocess(images))
+        logits.append(out.float().cpu())
+        targets.append(target.float())
+        indices.append(index)
+    if not logits:
+        raise UserError("No readable images were left to evaluate; check the images of this split.")
+    logits_t = torch.cat(logits)  # (N, C)
+    return {"logits": logits_t, "probs": torch.sigmoid(logits_t), "targets": torch.cat(targets),
+            "indices": torch.cat(indices), "bad": torch.tensor(bad, dtype=torch.long)}
+
+
+def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.device, preprocess: BatchPreprocessor, *,
+             thresholds: float | torch.Tensor = 0.5, prefix: str = "val", progress: bool = True) -> dict[str, float]:
+    """Loss per image and the metrics of metrics.compute_metrics on `loader`, keys prefixed with `prefix/`."""
+    start = time.perf_counter()
+    out = predict(model, loader, device, preprocess, desc=prefix, progress=progress)
+    n = out["targets"].shape[0]
+    loss = criterion(out["logits"], out["targets"]).item()
+    # Report the loss per image whatever the criterion's reduction, so runs with other batch sizes compare.
+    per_image = loss / n if getattr(criterion, "reduction", "sum") == "sum" else loss
+    result = {f"{prefix}/loss": per_image if math.isfinite(per_image) else float("nan")}
+    result.update({f"{prefix}/{k}": v for k, v in compute_metrics(out["targets"], out["probs"], thresholds).items()})
+    result[f"{prefix}/images_per_s"] = n / max(time.perf_counter() - start, 1e-9)
+    return result

@@ -1,0 +1,320 @@
+"""Multi-label losses for image annotation (logits (B, C), multi-hot targets (B, C)).
+
+Every loss is a stateless ``nn.Module`` whose ``forward(logits, targets)`` returns a
+scalar.  Notation: ``x`` = logits, ``p = sigmoid(x)``, ``y`` in {0, 1} the targets,
+sums run over all images ``i`` and labels ``c``.
+
+Reductions (all losses):
+
+* ``"sum"`` (default): ``L = sum_i L_i`` - the study and the ASL reference
+  implementation sum over every image and label.
+* ``"mean"``: ``L = (1 / B) sum_i L_i`` - the sum divided by the batch size, i.e. the
+  mean over images of the per-image sum (NOT the mean over the B * C entries).
+
+All computations run on ``logits.float()`` / ``targets.float()``, so bf16/fp16 logits
+from autocast are safe and the loss is float32.
+
+Use :func:`create_loss` (CLI entry point) or the :data:`LOSSES` registry;
+:data:`LOSS_DEFAULTS` / ``<Loss>.defaults()`` give the true default hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from typing import Any, Dict, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "REDUCTIONS",
+    "MultiLabelLoss",
+    "BCELoss",
+    "FocalLoss",
+    "AsymmetricLoss",
+    "LSEPLoss",
+    "LOSSES",
+    "LOSS_DEFAULTS",
+    "create_loss",
+]
+
+REDUCTIONS: Tuple[str, ...] = ("sum", "mean")
+
+# Fill value for masked entries inside logsumexp (LSEP).  It must be finite: a row that
+# is entirely -inf makes logsumexp's backward NaN.  -1e30 is far below any real logit
+# (exp(-1e30 - x) == 0 exactly in float32) and the sum of two fills (-2e30) still fits
+# in float32 (max ~3.4e38), so no intermediate ever becomes -inf.
+_MASK_FILL = -1e30
+
+
+def _check_non_negative(name: str, value: Any, owner: str) -> float:
+    """Return ``value`` as a float, raising if it is not a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{owner}: {name} must be a finite number >= 0, got {value!r}; pass e.g. {name}=0.0."
+        )
+    return float(value)
+
+
+def _focal_terms(
+    x: Tensor,
+    y: Tensor,
+    gamma_pos: float,
+    gamma_neg: float,
+    margin: float,
+    detach_focusing: bool,
+) -> Tensor:
+    """Element-wise asymmetric focal loss, shape (B, C).
+
+    ``l = -[ y (1-p)^{g+} log p + (1-y) p_m^{g-} log(1-p_m) ]`` with
+    ``p_m = max(p - m, 0)``.  ``log p = logsigmoid(x)``; for the negatives
+    ``log(1-p_m) = log(min(sigmoid(-x) + m, 1))`` (``= logsigmoid(-x)`` when m = 0, which is
+    also exact where sigmoid(-x) underflows).  ``0^0 = 1``: a zero exponent gives the plain
+    BCE term (and its weight is skipped, which also avoids pow's 0 * inf gradient at p = 1).
+    With ``detach_focusing`` the weights ``(1-p)^{g+}``, ``p_m^{g-}`` are constants for
+    autograd (ASL reference behaviour), done locally with ``.detach()``.
+    """
+    log_p = F.logsigmoid(x)  # (B, C)
+    pos = y * log_p  # (B, C)
+    if gamma_pos != 0:
+        w_pos = torch.sigmoid(-x).pow(gamma_pos)  # (1 - p)^{g+}, (B, C)
+        if detach_focusing:
+            w_pos = w_pos.detach()
+        pos = pos * w_pos
+
+    if margin == 0:
+        p_m = torch.sigmoid(x)  # (B, C)
+        log_one_minus_pm = F.logsigmoid(-x)  # (B, C)
+    else:
+        # 1 - p_m = min(1 - p + m, 1); clamping keeps the log exactly 0 (and its gradient 0)
+        # for negatives already below the margin.
+        p_m = (torch.sigmoid(x) - margin).clamp(min=0)  # (B, C)
+        log_one_minus_pm = torch.log((torch.sigmoid(-x) + margin).clamp(max=1))  # (B, C)
+    neg = (1 - y) * log_one_minus_pm  # (B, C)
+    if gamma_neg != 0:
+        w_neg = p_m.pow(gamma_neg)  # p_m^{g-}, (B, C)
+        if detach_focusing:
+            w_neg = w_neg.detach()
+        neg = neg * w_neg
+    return -(pos + neg)
+
+
+class MultiLabelLoss(nn.Module):
+    """Base class: input checks, float32 promotion and the ``sum`` / ``mean`` reduction.
+
+    Subclasses implement ``_per_image(x, y) -> (B,)`` (per-image loss ``L_i``) and
+    ``defaults()``.  ``reduction="sum"``: ``L = sum_i L_i``; ``"mean"``: ``L = sum_i L_i / B``.
+    """
+
+    def __init__(self, reduction: str = "sum") -> None:
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(
+                f"{type(self).__name__}: unknown reduction {reduction!r}; choose one of {list(REDUCTIONS)}."
+            )
+        self.reduction = reduction
+
+    @classmethod
+    def defaults(cls) -> Dict[str, Any]:
+        """Default hyper-parameters of this loss (what ``create_loss`` uses for ``None``)."""
+        return {"reduction": "sum"}
+
+    @classmethod
+    def accepted_hyper_parameters(cls) -> Tuple[str, ...]:
+        """Names of the keyword arguments the constructor takes."""
+        params = inspect.signature(cls.__init__).parameters
+        return tuple(name for name in params if name != "self")
+
+    def _per_image(self, x: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Return the scalar float32 loss for ``logits`` (B, C) and multi-hot ``targets`` (B, C)."""
+        name = type(self).__name__
+        if logits.dim() != 2:
+            raise ValueError(
+                f"{name}: logits must be 2-D (batch, labels), got shape {tuple(logits.shape)}; "
+                "flatten or unsqueeze them before the loss."
+            )
+        if targets.shape != logits.shape:
+            raise ValueError(
+                f"{name}: targets shape {tuple(targets.shape)} differs from logits shape "
+                f"{tuple(logits.shape)}; pass one multi-hot row per image."
+            )
+        if logits.shape[0] == 0 or logits.shape[1] == 0:
+            raise ValueError(f"{name}: got an empty batch of shape {tuple(logits.shape)}; skip empty batches.")
+        per_image = self._per_image(logits.float(), targets.float())  # (B,)
+        return per_image.sum() if self.reduction == "sum" else per_image.mean()
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={getattr(self, k)!r}" for k in self.defaults())
+
+
+class BCELoss(MultiLabelLoss):
+    """Binary cross-entropy on logits.
+
+    ``L = -sum_{i,c} [ y log p + (1 - y) log(1 - p) ]``, ``p = sigmoid(x)``,
+    computed with ``F.binary_cross_entropy_with_logits`` for stability.
+    Gradient: ``dL/dx = p - y``.
+    """
+
+    def __init__(self, reduction: str = "sum") -> None:
+        super().__init__(reduction)
+
+    def _per_image(self, x: Tensor, y: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(x, y, reduction="none").sum(dim=1)  # (B,)
+
+
+class FocalLoss(MultiLabelLoss):
+    """Symmetric focal loss (Lin et al. 2017, without alpha), default ``gamma = 3``.
+
+    ``L = -sum_{i,c} [ y (1 - p)^g log p + (1 - y) p^g log(1 - p) ]`` with
+    ``log p = logsigmoid(x)``, ``log(1 - p) = logsigmoid(-x)``.  ``gamma = 0`` is BCE.
+
+    ``detach_focusing=True`` (default) treats the weights ``(1-p)^g``, ``p^g`` as constants
+    in backward (as the ASL reference does); ``False`` gives the full analytic gradient.
+
+    CLI convenience: ``gamma_pos`` / ``gamma_neg`` are accepted as aliases of ``gamma``
+    only if every one of ``gamma``, ``gamma_pos``, ``gamma_neg`` that is not ``None`` has the
+    same value (that value is then ``gamma``); differing values raise ``ValueError``
+    (use ``AsymmetricLoss`` for different exponents).  All ``None`` means ``gamma = 3``.
+    """
+
+    DEFAULT_GAMMA = 3.0
+
+    def __init__(
+        self,
+        gamma: Optional[float] = None,
+        detach_focusing: bool = True,
+        reduction: str = "sum",
+        gamma_pos: Optional[float] = None,
+        gamma_neg: Optional[float] = None,
+    ) -> None:
+        super().__init__(reduction)
+        candidates = (("gamma", gamma), ("gamma_pos", gamma_pos), ("gamma_neg", gamma_neg))
+        given = {k: v for k, v in candidates if v is not None}
+        if len(set(given.values())) > 1:
+            raise ValueError(
+                f"FocalLoss: got different exponents {given}; the focal loss has one gamma - pass a single "
+                "value (or equal gamma_pos and gamma_neg), or use AsymmetricLoss for different ones."
+            )
+        value = next(iter(given.values())) if given else self.DEFAULT_GAMMA
+        self.gamma = _check_non_negative("gamma", value, "FocalLoss")
+        self.detach_focusing = bool(detach_focusing)
+
+    @classmethod
+    def defaults(cls) -> Dict[str, Any]:
+        """Default hyper-parameters (gamma_pos / gamma_neg are only aliases of gamma)."""
+        return {"gamma": cls.DEFAULT_GAMMA, "detach_focusing": True, "reduction": "sum"}
+
+    def _per_image(self, x: Tensor, y: Tensor) -> Tensor:
+        return _focal_terms(x, y, self.gamma, self.gamma, 0.0, self.detach_focusing).sum(dim=1)  # (B,)
+
+
+class AsymmetricLoss(MultiLabelLoss):
+    """Asymmetric loss, ASL (Ridnik et al. 2021); defaults ``gamma+ = 0, gamma- = 4, m = 0.05``.
+
+    ``p_m = max(p - m, 0)`` (probability shifting of the negatives),
+    ``L = -sum_{i,c} [ y (1 - p)^{g+} log p + (1 - y) p_m^{g-} log(1 - p_m) ]``,
+    computed stably as ``log p = logsigmoid(x)`` and
+    ``log(1 - p_m) = log(min(sigmoid(-x) + m, 1))`` (``= logsigmoid(-x)`` for m = 0).
+    ``0^0 = 1``: zero exponents give plain BCE terms; m = 0, g+ = g- = g is Focal(g).
+    Negatives with ``p <= m`` contribute 0 loss and exactly 0 gradient.
+
+    ``detach_focusing=True`` (default, as the ASL reference which toggles grad mode - here a
+    local ``.detach()``) excludes ``(1-p)^{g+}`` and ``p_m^{g-}`` from the gradient;
+    ``False`` gives the full analytic gradient of the formula.
+    """
+
+    def __init__(
+        self,
+        gamma_pos: float = 0.0,
+        gamma_neg: float = 4.0,
+        margin: float = 0.05,
+        detach_focusing: bool = True,
+        reduction: str = "sum",
+    ) -> None:
+        super().__init__(reduction)
+        self.gamma_pos = _check_non_negative("gamma_pos", gamma_pos, "AsymmetricLoss")
+        self.gamma_neg = _check_non_negative("gamma_neg", gamma_neg, "AsymmetricLoss")
+        margin = _check_non_negative("margin", margin, "AsymmetricLoss")
+        if margin >= 1:
+            raise ValueError(
+                f"AsymmetricLoss: margin must be in [0, 1) (it shifts probabilities), got {margin!r}; "
+                "the usual value is 0.05."
+            )
+        self.margin = margin
+        self.detach_focusing = bool(detach_focusing)
+
+    @classmethod
+    def defaults(cls) -> Dict[str, Any]:
+        """Default hyper-parameters."""
+        return {"gamma_pos": 0.0, "gamma_neg": 4.0, "margin": 0.05, "detach_focusing": True, "reduction": "sum"}
+
+    def _per_image(self, x: Tensor, y: Tensor) -> Tensor:
+        terms = _focal_terms(x, y, self.gamma_pos, self.gamma_neg, self.margin, self.detach_focusing)  # (B, C)
+        return terms.sum(dim=1)  # (B,)
+
+
+class LSEPLoss(MultiLabelLoss):
+    """Log-sum-exp pairwise ranking loss, LSEP (Li et al. 2017).
+
+    Per image ``i`` with positive labels ``P_i`` and negative labels ``N_i``:
+    ``L_i = log(1 + sum_{v in P_i} sum_{u in N_i} exp(x_u - x_v))``.
+    The double sum factorises, ``sum_u exp(x_u) * sum_v exp(-x_v)``, so
+    ``L_i = softplus( LSE_{u in N_i}(x_u) + LSE_{v in P_i}(-x_v) )`` - O(B * C), in log
+    space (no overflow for huge logits).  Images with no positive or no negative label
+    have ``L_i = 0`` and zero gradient.  Targets are binarised as ``y > 0.5``.
+    """
+
+    def __init__(self, reduction: str = "sum") -> None:
+        super().__init__(reduction)
+
+    def _per_image(self, x: Tensor, y: Tensor) -> Tensor:
+        pos = y > 0.5  # (B, C)
+        neg = ~pos  # (B, C)
+        fill = x.new_tensor(_MASK_FILL)
+        # Masked entries get a large finite negative value (not -inf, see _MASK_FILL).
+        lse_neg = torch.logsumexp(torch.where(neg, x, fill), dim=1)  # (B,) log sum_u exp(x_u)
+        lse_pos = torch.logsumexp(torch.where(pos, -x, fill), dim=1)  # (B,) log sum_v exp(-x_v)
+        valid = pos.any(dim=1) & neg.any(dim=1)  # (B,) images with at least one pair
+        per_image = F.softplus(lse_neg + lse_pos)  # (B,)
+        # torch.where sends zero gradient to the unselected branch, so invalid rows are exactly 0.
+        return torch.where(valid, per_image, torch.zeros_like(per_image))
+
+
+LOSSES: Dict[str, Type[MultiLabelLoss]] = {
+    "BCELoss": BCELoss,
+    "FocalLoss": FocalLoss,
+    "AsymmetricLoss": AsymmetricLoss,
+    "LSEPLoss": LSEPLoss,
+}
+
+LOSS_DEFAULTS: Dict[str, Dict[str, Any]] = {name: cls.defaults() for name, cls in LOSSES.items()}
+
+
+def create_loss(name: str, **hyper: Any) -> MultiLabelLoss:
+    """Build the loss registered as ``name`` in :data:`LOSSES`.
+
+    ``None`` hyper-parameters mean "use the loss's default" and are dropped (like timm's
+    factory), so the CLI can pass every option unconditionally.  A non-``None``
+    hyper-parameter that the loss does not take raises ``ValueError``.
+
+    Example: ``create_loss("AsymmetricLoss", gamma_pos=None, gamma_neg=2, margin=None)``
+    -> ``AsymmetricLoss(gamma_pos=0.0, gamma_neg=2.0, margin=0.05)``.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"Unknown loss {name!r}; choose one of {sorted(LOSSES)}.")
+    cls = LOSSES[name]
+    given = {k: v for k, v in hyper.items() if v is not None}
+    accepted = cls.accepted_hyper_parameters()
+    unexpected = sorted(k for k in given if k not in accepted)
+    if unexpected:
+        raise ValueError(
+            f"Loss {name!r} does not accept {', '.join(f'{k}={given[k]!r}' for k in unexpected)}; "
+            f"it takes {sorted(accepted)} - leave the others unset."
+        )
+    return cls(**given)

@@ -1,0 +1,338 @@
+"""Train, evaluate and apply multi-label image annotators (the study's entry point).
+
+    python main.py --model TResNet --loss-function AsymmetricLoss            # train on Corel-5k/
+    python main.py --model TResNet --loss-function AsymmetricLoss --evaluate # MCC thresholds + the study's tables
+    python main.py --data demo --model TinyResNet --image-size 64 ...        # built-in demo dataset, no download
+
+Also runs from Spyder as `run main.py --model TResNet --loss-function AsymmetricLoss`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from checkpoint import (CSVLogger, check_compatible, find_latest_run, json_config, load_checkpoint, load_config,
+                        make_run_dir, save_checkpoint, save_config, CHECKPOINT_VERSION)
+from dataset import AnnotationDataset, load_dataset, make_loader, resolve_data_root, DATASETS
+from engine import (BatchPreprocessor, EpochProgress, NonFiniteLossError, epoch_flips, evaluate, get_device,
+                    predict, resolve_precision, train_one_epoch)
+from losses import LOSSES, create_loss
+from models import MODELS, STRIDE, count_trainable_parameters, create_model, normalisation
+from thresholds import THRESHOLD_METHODS
+from utils import UserError, seed_everything
+
+DEFAULT_MODEL, DEFAULT_DATA = "TResNet", "Corel-5k"
+# Flags that may differ when a run is resumed; everything else comes from the run's config.json.
+RUNTIME_FLAGS = ("resume", "num_workers", "progress", "device", "save_dir")
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' to help strings, except where the default is None and the help states it in words."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Multi-label automatic image annotation: train, --evaluate, --predict, --compare.",
+        formatter_class=DefaultsHelpFormatter)
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None, choices=sorted(MODELS),
+                   help=f"backbone (default: {DEFAULT_MODEL}; with --checkpoint, the checkpoint's, and a different one is refused)")
+    g.add_argument("--global-pooling", default="avg", choices=["avg", "max"], help="pooling before the head")
+    g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+                   help="train from scratch instead of ImageNet weights (the default downloads them)")
+    g.add_argument("--weights", default=None, metavar="PATH", help="local ImageNet weight file for the backbone (offline)")
+
+    g = parser.add_argument_group("loss")
+    g.add_argument("--loss-function", default="AsymmetricLoss", choices=sorted(LOSSES), help="training loss")
+    g.add_argument("--gamma-pos", type=float, default=None,
+                   help="focusing parameter for positives (default: the loss's own: ASL 0, focal 3)")
+    g.add_argument("--gamma-neg", type=float, default=None,
+                   help="focusing parameter for negatives (default: the loss's own: ASL 4, focal 3)")
+    g.add_argument("--margin", type=float, default=None, help="ASL probability margin m (default: 0.05)")
+    g.add_argument("--loss-reduction", default="sum", choices=["sum", "mean"],
+                   help="sum over images and labels (the study) or mean over images")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default=None,
+                   help=f"dataset: {', '.join(sorted(DATASETS))}, demo (generated on first use), or a folder path "
+                        f"(default: {DEFAULT_DATA}; with --checkpoint, the run's)")
+    g.add_argument("--data-root-dir", dest="data", default=argparse.SUPPRESS,
+                   help="the study's name for --data (a dataset folder)")
+    g.add_argument("--augmentation", action="store_true", help="add the ML-WGAN-GP images listed in train_aug.json")
+    g.add_argument("--image-size", type=int, default=448, help="square input size (multiple of 32)")
+    g.add_argument("--val-size", type=int, default=500,
+                   help="images held out of train.json for model selection and threshold fitting")
+    g.add_argument("--select-on-test", action="store_true",
+                   help="the study's original protocol: select the model on the test set (no validation split)")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="skip missing or unreadable images (counted and reported) instead of stopping")
+    g.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
+
+    g = parser.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=40, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=32, help="images per batch (per process under torchrun)")
+    g.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate of OneCycleLR (Adam)")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, validation split, data order and flips")
+    g.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
+    g.add_argument("--ema", action="store_true", help="keep a weight EMA and evaluate it beside the raw model")
+    g.add_argument("--ema-decay", type=float, default=0.9997, help="EMA decay per step")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1 ...")
+    g.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+                   help="mixed precision: auto = bf16 (or fp16) on CUDA, none on CPU")
+    g.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                   help="channels_last memory format: auto = on for CUDA, off for CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+
+    g = parser.add_argument_group("runs and checkpoints")
+    g.add_argument("--save-dir", default="runs", help="where run directories are created")
+    g.add_argument("--run-name", default=None, help="run directory suffix (default: a timestamp)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last.pth")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+    g = parser.add_argument_group("evaluation and thresholds")
+    g.add_argument("--evaluate", action="store_true",
+                   help="evaluate the best checkpoint of the latest matching run (or --checkpoint) on the test set")
+    g.add_argument("--checkpoint", default=None, metavar="RUN_DIR", help="run directory for --evaluate/--predict")
+    g.add_argument("--threshold-method", default="mcc", choices=sorted(THRESHOLD_METHODS),
+                   help="per-label threshold criterion")
+    g.add_argument("--threshold-split", default=None, choices=["val", "train"],
+                   help="split the thresholds are fitted on (default: val; train under --select-on-test, as the study)")
+    g.add_argument("--threshold-fallback", default="default", choices=["default", "first"],
+                   help="labels whose criterion is 0 everywhere keep 0.5 (default) or take the grid's first point (the study)")
+    g.add_argument("--threshold-grid", default=None, type=float, nargs="+", metavar="T",
+                   help="threshold grid (default: the study's 0.05, 0.10, ..., 0.70)")
+
+    g = parser.add_argument_group("prediction and comparison")
+    g.add_argument("--predict", default=None, metavar="PATH", help="annotate one image or a folder of images")
+    g.add_argument("--output", default=None, metavar="PATH", help="--predict: output prefix for .csv/.json "
+                   "(default: <run>/predictions)")
+    g.add_argument("--compare", default=None, nargs="+", metavar="RUN_DIR", help="one markdown table of several runs")
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject nonsense before any work starts, one sentence per problem."""
+    problems = []
+    if args.epochs < 1:
+        problems.append(f"--epochs must be at least 1 (got {args.epochs})")
+    if args.batch_size < 1:
+        problems.append(f"--batch-size must be at least 1 (got {args.batch_size})")
+    if args.image_size < STRIDE or args.image_size % STRIDE:
+        problems.append(f"--image-size must be a positive multiple of {STRIDE} (the backbones' stride; "
+                        f"got {args.image_size}; e.g. 224 or 448)")
+    if args.num_workers < 0:
+        problems.append(f"--num-workers cannot be negative (got {args.num_workers})")
+    if not args.learning_rate > 0 or not math.isfinite(args.learning_rate):
+        problems.append(f"--learning-rate must be a positive number (got {args.learning_rate})")
+    if not 0 < args.ema_decay < 1:
+        problems.append(f"--ema-decay must be between 0 and 1 (got {args.ema_decay})")
+    if args.val_size < 1 and not args.select_on_test:
+        problems.append(f"--val-size must be at least 1 (got {args.val_size}); or use --select-on-test")
+    if args.margin is not None and not 0 <= args.margin < 1:
+        problems.append(f"--margin must be in [0, 1) (got {args.margin})")
+    for name in ("gamma_pos", "gamma_neg"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            problems.append(f"--{name.replace('_', '-')} cannot be negative (got {value})")
+    if args.weights is not None and not args.pretrained:
+        problems.append("--weights and --no-pretrained contradict each other; give one of them")
+    if problems:
+        raise UserError("Invalid arguments: " + "; ".join(problems) + ".")
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def build_training(config: dict, device: torch.device, num_classes: int, steps_per_epoch: int):
+    """Model, loss, optimiser, scheduler, EMA and scaler from a run configuration."""
+    seed_everything(config["seed"])
+    model = create_model(config["model"], num_classes, pretrained=config["pretrained"], weights=config["weights"],
+                         global_pooling=config["global_pooling"]).to(device)
+    criterion = create_loss(config["loss_function"], gamma_pos=config["gamma_pos"], gamma_neg=config["gamma_neg"],
+                            margin=config["margin"], reduction=config["loss_reduction"])
+    # Fused Adam where the device has it (one kernel for all parameters), else the multi-tensor path.
+    fused = device.type in ("cuda", "cpu")
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"], fused=fused)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["learning_rate"], epochs=config["epochs"],
+                                                    steps_per_epoch=steps_per_epoch, pct_start=0.2)
+    ema = None
+    if config["ema"]:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config["ema_decay"]), use_buffers=True)
+    return model, criterion, optimizer, scheduler, ema
+
+
+def _resume_command(run_dir: Path) -> str:
+    return f"python main.py --resume {shlex.quote(str(run_dir))}"
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Train as configured; returns the run directory (with best.pth, last.pth, log.csv, config.json)."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = load_config(run_dir)
+        runtime = {k: getattr(args, k) for k in RUNTIME_FLAGS}
+        config = {**vars(get_args_parser().parse_args([])), **saved, **runtime}
+        last = load_checkpoint(run_dir / "last.pth")
+        _say(f"Resuming {run_dir} at epoch {last['epoch'] + 1}, batch {last['epoch_progress']['step'] + 1} "
+             f"with its saved configuration.")
+    else:
+        config = json_config(vars(args))
+        last = None
+    device = get_device(config["device"])
+    precision = resolve_precision(config["amp"], config["channels_last"], device)
+    root = resolve_data_root(config["data"])
+    data = load_dataset(root, config["augmentation"], config["val_size"], config["seed"], config["select_on_test"],
+                        config["skip_bad_images"])
+    for split in (data.train, data.val, data.test):
+        if split.skipped:
+            _say(f"Skipping {len(split.skipped)} missing images of {split.name} (--skip-bad-images): "
+                 f"{', '.join(split.skipped[:5])}{' ...' if len(split.skipped) > 5 else ''}")
+    if data.protocol == "study":
+        _say("Protocol: --select-on-test, the study's original protocol: the best epoch is chosen on the TEST set, "
+             "so test figures are optimistic.")
+
+    B, workers = config["batch_size"], config["num_workers"]
+    train_set = AnnotationDataset(data.train, config["image_size"], config["skip_bad_images"])
+    val_set = AnnotationDataset(data.val, config["image_size"], config["skip_bad_images"])
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_set, B, workers, shuffle=True, seed=config["seed"], pin_memory=pin)
+    val_loader = make_loader(val_set, B, workers, shuffle=False, pin_memory=pin)
+    steps_per_epoch = len(train_loader)
+
+    model, criterion, optimizer, scheduler, ema = build_training(config, device, len(data.vocabulary), steps_per_epoch)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler(device.type) if precision.amp_dtype is torch.float16 else None
+    preprocess = BatchPreprocessor(*normalisation(model), device, precision)
+    forward_model = torch.compile(model) if config["compile"] else model
+
+    start_epoch, state, best, best_epoch = 0, EpochProgress(), -1.0, 0
+    if last is not None:
+        check_compatible(last, config["model"], data.vocabulary, run_dir / "last.pth", config.get("head", "fc"))
+        model.load_state_dict(last["model"])
+        optimizer.load_state_dict(last["optimizer"])
+        scheduler.load_state_dict(last["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(last["ema"])
+        if scaler is not None and last.get("scaler"):
+            scaler.load_state_dict(last["scaler"])
+        torch.set_rng_state(last["rng"]["torch"])
+        if device.type == "cuda" and last["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(last["rng"]["cuda"], device)
+        start_epoch, state = last["epoch"], EpochProgress(**last["epoch_progress"])
+        best, best_epoch = last["best_metric"], last["best_epoch"]
+    else:
+        run_dir = make_run_dir(config["save_dir"], config["model"], config["loss_function"], config["data"],
+                               config["run_name"])
+        config["run_dir"] = str(run_dir)
+        save_config(run_dir, config)
+        _say(f"Run directory: {run_dir}")
+    logger = CSVLogger(run_dir / "log.csv")
+    logger.truncate_after(start_epoch + 1)
+    _say(f"{config['model']} ({count_trainable_parameters(model):,} trainable parameters) + {config['loss_function']} "
+         f"on {device} ({'fp32' if precision.amp_dtype is None else precision.amp_dtype}, "
+         f"{'channels_last' if precision.channels_last else 'NCHW'}); splits {data.sizes()}")
+
+    def checkpoint(epoch: int, progress: EpochProgress, weights=None) -> dict:
+        return {"version": CHECKPOINT_VERSION, "model": weights if weights is not None else model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
+                "epoch": epoch, "epoch_progress": asdict(progress), "best_metric": best, "best_epoch": best_epoch,
+                "config": config, "vocabulary": data.vocabulary, "thresholds": None,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+
+    for epoch in range(start_epoch, config["epochs"]):
+        train_loader.sampler.set_epoch(epoch, skip=state.step * B)
+        flips = epoch_flips(len(data.train), config["seed"], epoch) if config["flip"] else None
+        bad: list[int] = []
+        start = time.perf_counter()
+        try:
+            stats = train_one_epoch(forward_model, train_loader, criterion, optimizer, device, preprocess, epoch=epoch,
+                                    flips=flips, scheduler=scheduler, scaler=scaler, ema=ema, state=state,
+                                    progress=config["progress"], bad_images=bad)
+        except KeyboardInterrupt:
+            save_checkpoint(run_dir / "last.pth", checkpoint(epoch, state))
+            _say(f"\nInterrupted at epoch {epoch + 1}, batch {state.step}; saved {run_dir / 'last.pth'}. "
+                 f"Resume with:\n  {_resume_command(run_dir)}")
+            raise SystemExit(130) from None
+        if bad:
+            names = [data.train.image_names[i] for i in bad]
+            _say(f"Epoch {epoch + 1}: skipped {len(bad)} unreadable training images: {', '.join(names[:5])}"
+                 f"{' ...' if len(names) > 5 else ''}")
+        row = {"epoch": epoch + 1, **stats}
+        row.update(evaluate(forward_model, val_loader, criterion, device, preprocess, progress=config["progress"]))
+        score, source = row["val/per_class/f1"], "model"
+        if ema is not None:
+            row.update(evaluate(ema.module, val_loader, criterion, device, preprocess, prefix="val_ema",
+                                progress=config["progress"]))
+            if row["val_ema/per_class/f1"] > score:
+                score, source = row["val_ema/per_class/f1"], "ema"
+        row["time_s"] = time.perf_counter() - start
+        state = EpochProgress()
+        if score > best:
+            best, best_epoch = score, epoch + 1
+            weights = ema.module.state_dict() if source == "ema" else model.state_dict()
+            best_ckpt = checkpoint(epoch + 1, state, weights)
+            best_ckpt["best_source"] = source
+            save_checkpoint(run_dir / "best.pth", best_ckpt)
+        save_checkpoint(run_dir / "last.pth", checkpoint(epoch + 1, state))
+        logger.log(row)
+        ema_note = f", EMA {row['val_ema/per_class/f1']:.3f}" if ema is not None else ""
+        _say(f"epoch {epoch + 1}/{config['epochs']}: train loss {row['train/loss']:.4f}, val loss "
+             f"{row['val/loss']:.4f}, val per-class F1@0.5 {row['val/per_class/f1']:.3f}{ema_note}, "
+             f"mAP {row['val/mAP']:.1f}, N+ {row['val/N+']}, {row['train/images_per_s']:.0f} img/s"
+             f"{'  *best*' if best_epoch == epoch + 1 else ''}")
+    _say(f"Best validation per-class F1 {best:.4f} at epoch {best_epoch}; checkpoints in {run_dir}. "
+         f"Evaluate with:\n  python main.py --evaluate --checkpoint {shlex.quote(str(run_dir))}")
+    return run_dir
+
+
+def main(args: argparse.Namespace):
+    """Dispatch on the mode flags; returns the run directory (training) or the results dict."""
+    validate_args(args)
+    if not (args.evaluate or args.predict or args.compare or args.resume):
+        # Training: fill the defaults that stay None for --checkpoint modes, without touching the caller's args.
+        args = argparse.Namespace(**{**vars(args), "model": args.model or DEFAULT_MODEL, "data": args.data or DEFAULT_DATA})
+    if args.compare:
+        from report import compare_runs
+
+        table = compare_runs(args.compare)
+        _say(table)
+        return table
+    if args.predict:
+        from report import predict_paths
+
+        return predict_paths(args)
+    if args.evaluate:
+        from report import evaluate_run
+
+        return evaluate_run(args)
+    return train(args)
+
+
+def cli(argv=None) -> None:
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,114 @@
+"""Backbones of the study behind one registry, each with the study's head: Dropout(0.3) + Linear(features, C).
+
+`create_model` is a thin wrapper over `timm.create_model`: the backbone is built without its classifier
+(`num_classes=0`), its spatial feature map (`forward_features`, (B, F, h, w)) is pooled (avg or max) and fed
+to the head. Arguments left as None mean "use the model's default", as in timm's factory.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import timm
+import torch
+from torch import nn
+
+from utils import UserError
+
+# CLI name -> timm model name. The four backbones of the study, plus small CPU-friendly ones for demos and tests.
+MODELS = {
+    "ResNet101": "resnet101",
+    "ResNeXt50": "resnext50_32x4d",
+    "Xception": "legacy_xception",
+    "TResNet": "tresnet_m",
+    "ResNet18": "resnet18",
+    "TinyResNet": "test_resnet",
+}
+# Image sizes must be multiples of the backbone's total stride (TResNet's space-to-depth stem needs it).
+STRIDE = 32
+
+
+class ModelError(UserError, ValueError):
+    """A model choice or weight file the user can fix."""
+
+
+class AnnotationModel(nn.Module):
+    """backbone.forward_features -> global pooling -> Dropout(p) -> Linear(F, C)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, global_pooling: str = "avg", dropout: float = 0.3):
+        super().__init__()
+        if global_pooling not in ("avg", "max"):
+            raise ModelError(f"--global-pooling must be 'avg' or 'max', not '{global_pooling}'.")
+        self.backbone = backbone
+        self.global_pooling = global_pooling
+        self.num_features = backbone.num_features
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.num_features, num_classes))
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        # (B, F, h, w) -> (B, F)
+        return features.amax(dim=(2, 3)) if self.global_pooling == "max" else features.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.backbone.forward_features(x)  # (B, F, h, w)
+        return self.head(self.pool(features))  # (B, C)
+
+
+def _offline_message(name: str, error: Exception) -> str:
+    return (f"Could not fetch ImageNet weights for {name} ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
+            f"pass --no-pretrained to train from scratch, or --weights PATH to load a local weight file.")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the weight hub (HF_ENDPOINT or huggingface.co) accepts a TCP connection within `timeout` seconds.
+
+    Asked before a download so that an offline machine gets one sentence at once instead of a minute of hub retries.
+    """
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def create_model(name: str, num_classes: int, pretrained: bool = False, weights: str | Path | None = None,
+                 global_pooling: str = "avg", dropout: float = 0.3, **kwargs) -> AnnotationModel:
+    """Build a registry backbone with the study's head.
+
+    pretrained: fetch timm's ImageNet weights (network needed). weights: a local timm-format weight file
+    (.pth/.bin/.safetensors) loaded into the backbone instead, for offline machines. Extra kwargs go to timm.
+    """
+    if name not in MODELS:
+        raise ModelError(f"Unknown model '{name}'; choose one of: {', '.join(sorted(MODELS))}.")
+    timm_name = MODELS[name]
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if weights is not None:
+        weights = Path(weights).expanduser()
+        if not weights.is_file():
+            raise ModelError(f"--weights file '{weights}' does not exist; give the path of a local {timm_name} weight file.")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
+        pretrained = True
+    if pretrained and weights is None and not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
+        raise ModelError(_offline_message(timm_name, ConnectionError("no connection to the weight hub")))
+    try:
+        backbone = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **kwargs)
+    except (OSError, RuntimeError, ValueError, ImportError, KeyError) as e:
+        if weights is not None:
+            raise ModelError(f"Could not load --weights '{weights}' into {timm_name} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); is it a {timm_name} checkpoint?") from None
+        if pretrained:
+            raise ModelError(_offline_message(timm_name, e)) from None
+        raise
+    return AnnotationModel(backbone, num_classes, global_pooling=global_pooling, dropout=dropout)
+
+
+def count_trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def normalisation(model: AnnotationModel) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the backbone expects on [0, 1] RGB input (TResNet: mean 0, std 1)."""
+    cfg = getattr(model.backbone, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))

@@ -1,0 +1,259 @@
+"""Evaluation report (--evaluate), prediction for new images (--predict) and run comparison (--compare).
+
+--evaluate loads a run's best checkpoint, fits per-label thresholds on the threshold split (validation by
+default), and writes under the run directory:
+  results.json   {"default": metrics at 0.5, "mcc": metrics with fitted thresholds, "thresholds": {label: t}, "run": ...}
+  results.md     the study's tables (per-image, per-class, per-class + MCC, N+, N+ + MCC) and mAP
+  per_label.csv  label, train/test frequency, threshold, precision, recall, F1, AP
+  predictions.png  test images titled with ground truth and predicted labels (0.5 and fitted thresholds)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from checkpoint import (CheckpointError, check_compatible, find_latest_run, load_checkpoint, load_config,
+                        save_checkpoint)
+from dataset import (AnnotationDataset, BadImageError, Split, load_dataset, load_image, make_loader,
+                     resolve_data_root)
+from engine import BatchPreprocessor, get_device, predict, resolve_precision
+from metrics import compute_metrics, per_label_metrics
+from models import create_model, normalisation
+from thresholds import DEFAULT_GRID, fit_thresholds
+from utils import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+METRIC_ROWS = (("per_image/precision", "Per-image P"), ("per_image/recall", "Per-image R"),
+               ("per_image/f1", "Per-image F1"), ("per_class/precision", "Per-class P"),
+               ("per_class/recall", "Per-class R"), ("per_class/f1", "Per-class F1"), ("N+", "N+"), ("mAP", "mAP"))
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    return find_latest_run(args.save_dir, args.model or "TResNet", args.loss_function, args.data or "Corel-5k")
+
+
+def load_run_model(args: argparse.Namespace, run_dir: Path, device: torch.device):
+    """(model in eval mode, best checkpoint, run config) with the model/vocabulary checks of checkpoint.py."""
+    config = load_config(run_dir)
+    ckpt = load_checkpoint(run_dir / "best.pth")
+    wanted = args.model or config["model"]
+    check_compatible(ckpt, wanted, ckpt["vocabulary"], run_dir / "best.pth", config.get("head", "fc"))
+    model = create_model(config["model"], len(ckpt["vocabulary"]), pretrained=False,
+                         global_pooling=config["global_pooling"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt, config
+
+
+def _format(value) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.4f}" if value <= 1 else f"{value:.2f}"
+
+
+def markdown_tables(results: dict) -> str:
+    """The study's tables as markdown: one row per thresholding, the study's columns."""
+    header = "| Thresholds | " + " | ".join(name for _, name in METRIC_ROWS) + " |"
+    lines = [header, "|" + "---|" * (len(METRIC_ROWS) + 1)]
+    for key, name in (("default", "0.5"), ("mcc", results["run"].get("threshold_method", "mcc").upper())):
+        lines.append(f"| {name} | " + " | ".join(_format(results[key][k]) for k, _ in METRIC_ROWS) + " |")
+    return "\n".join(lines)
+
+
+def _results_markdown(results: dict) -> str:
+    run = results["run"]
+    protocol = ("the study's protocol (--select-on-test: epoch chosen on the test set)" if run["protocol"] == "study"
+                else "held-out validation split for model selection")
+    return (f"# {run['model']} + {run['loss_function']} on {run['data']}\n\n"
+            f"Test set ({run['split_sizes']['test']} images). Thresholds fitted on the {run['threshold_split']} split "
+            f"({run['threshold_method']}, fallback {run['threshold_fallback']}); {protocol}.\n"
+            f"Image size {run['image_size']}, {run['epochs']} epochs (best epoch {run['best_epoch']}, "
+            f"{run['best_source']} weights), seed {run['seed']}.\n\n"
+            f"{markdown_tables(results)}\n\n"
+            f"Per-class F1 is 2PR/(P+R) of the label-averaged precision P and recall R; the mean of per-label F1 is "
+            f"{results['mcc']['per_class/f1_mean_per_label']:.4f} with the fitted thresholds "
+            f"({results['default']['per_class/f1_mean_per_label']:.4f} at 0.5). mAP is in percent.\n")
+
+
+def _labels_of(row: torch.Tensor, vocabulary: list[str], scores: torch.Tensor | None = None) -> list[str]:
+    idx = row.nonzero().flatten().tolist()
+    if scores is not None:
+        idx.sort(key=lambda j: -float(scores[j]))
+    return [vocabulary[j] for j in idx]
+
+
+def predictions_figure(split: Split, probs: torch.Tensor, thresholds: torch.Tensor, vocabulary: list[str],
+                       count: int = 12, columns: int = 4) -> bytes:
+    """PNG bytes: a grid of the first `count` images, titled with truth and predictions at 0.5 and at `thresholds`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = min(count, len(split))
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(count):
+        ax = axes.flat[i]
+        try:
+            image = load_image(split.paths[i], 256).permute(1, 2, 0).numpy()
+        except BadImageError:
+            continue
+        ax.imshow(image)
+        truth = ", ".join(_labels_of(split.targets[i], vocabulary))
+        at_half = ", ".join(_labels_of(probs[i] >= 0.5, vocabulary, probs[i])) or "-"
+        fitted = ", ".join(_labels_of(probs[i] >= thresholds, vocabulary, probs[i])) or "-"
+        ax.set_title(f"{split.image_names[i]}\ntruth: {truth}\n@0.5: {at_half}\nMCC: {fitted}", fontsize=8, loc="left",
+                     wrap=True)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def evaluate_run(args: argparse.Namespace) -> dict:
+    """Fit thresholds on the threshold split, evaluate the test set, write the four report files; returns results."""
+    run_dir = _run_dir(args)
+    device = get_device(args.device)
+    model, ckpt, config = load_run_model(args, run_dir, device)
+    root = resolve_data_root(config["data"] if args.data is None else args.data)
+    data = load_dataset(root, config["augmentation"], config["val_size"], config["seed"], config["select_on_test"],
+                        args.skip_bad_images or config["skip_bad_images"])
+    check_compatible(ckpt, config["model"], data.vocabulary, run_dir / "best.pth", config.get("head", "fc"))
+    precision = resolve_precision(args.amp, args.channels_last, device)
+    preprocess = BatchPreprocessor(*normalisation(model), device, precision)
+    threshold_split = args.threshold_split or ("train" if data.protocol == "study" else "val")
+    fit_split = data.train if threshold_split == "train" else data.val
+
+    def run_on(split: Split) -> dict:
+        loader = make_loader(AnnotationDataset(split, config["image_size"], args.skip_bad_images), args.batch_size,
+                             args.num_workers, shuffle=False, pin_memory=device.type == "cuda")
+        out = predict(model, loader, device, preprocess, desc=split.name, progress=args.progress)
+        order = torch.argsort(out["indices"])  # back to split order
+        return {"probs": out["probs"][order], "targets": out["targets"][order], "bad": out["bad"]}
+
+    fitted = run_on(fit_split)
+    grid = torch.tensor(args.threshold_grid, dtype=torch.float64) if args.threshold_grid else DEFAULT_GRID
+    thresholds = fit_thresholds(args.threshold_method, fitted["targets"], fitted["probs"], grid=grid,
+                                fallback=args.threshold_fallback).float()  # (C,)
+    test = run_on(data.test)
+    if len(test["bad"]):
+        print(f"Skipped {len(test['bad'])} unreadable test images; the figures cover the remaining "
+              f"{len(test['probs'])}.", flush=True)
+    results = {
+        "default": compute_metrics(test["targets"], test["probs"], 0.5),
+        "mcc": compute_metrics(test["targets"], test["probs"], thresholds),
+        "thresholds": {label: round(float(t), 6) for label, t in zip(data.vocabulary, thresholds)},
+        "run": {"run_dir": str(run_dir), "model": config["model"], "loss_function": config["loss_function"],
+                "data": config["data"], "image_size": config["image_size"], "epochs": config["epochs"],
+                "seed": config["seed"], "split_sizes": data.sizes(), "protocol": data.protocol,
+                "threshold_split": threshold_split, "threshold_method": args.threshold_method,
+                "threshold_fallback": args.threshold_fallback, "threshold_grid": [round(float(g), 6) for g in grid],
+                "best_epoch": ckpt["best_epoch"], "best_source": ckpt.get("best_source", "model"),
+                "head": config.get("head", "fc")},
+    }
+    write_report(run_dir, results, data, test, thresholds)
+    # Keep the fitted thresholds with the weights, so --predict applies them.
+    save_checkpoint(run_dir / "best.pth", {**ckpt, "thresholds": thresholds, "threshold_method": args.threshold_method})
+    print(markdown_tables(results), flush=True)
+    print(f"Per-class F1: {results['default']['per_class/f1']:.4f} at 0.5, {results['mcc']['per_class/f1']:.4f} with "
+          f"{args.threshold_method.upper()} thresholds; report in {run_dir}", flush=True)
+    return results
+
+
+def write_report(run_dir: Path, results: dict, data, test: dict, thresholds: torch.Tensor) -> None:
+    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_text(run_dir / "results.md", _results_markdown(results))
+    per_label = per_label_metrics(test["targets"], test["probs"], thresholds)
+    train_freq = data.train.targets.sum(0).long().tolist()
+    test_freq = test["targets"].sum(0).long().tolist()
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["label", "train_frequency", "test_frequency", "threshold", "precision", "recall", "f1", "ap"])
+    for j, label in enumerate(data.vocabulary):
+        ap = float(per_label["ap"][j])
+        writer.writerow([label, train_freq[j], test_freq[j], f"{float(thresholds[j]):.2f}",
+                         f"{float(per_label['precision'][j]):.4f}", f"{float(per_label['recall'][j]):.4f}",
+                         f"{float(per_label['f1'][j]):.4f}", "" if math.isnan(ap) else f"{ap:.4f}"])
+    atomic_write_text(run_dir / "per_label.csv", buffer.getvalue())
+    atomic_write_bytes(run_dir / "predictions.png",
+                       predictions_figure(data.test, test["probs"], thresholds, data.vocabulary))
+
+
+def _image_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if files:
+            return files
+        raise UserError(f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under '{path}'.")
+    raise UserError(f"--predict path '{path}' does not exist; give an image file or a folder of images.")
+
+
+def predict_paths(args: argparse.Namespace) -> list[dict]:
+    """Annotate an image or a folder with a run's best checkpoint and its stored thresholds.
+
+    Prints `image  label:score ...` per image and writes <output>.csv and <output>.json.
+    """
+    files = _image_files(Path(args.predict))
+    run_dir = _run_dir(args)
+    device = get_device(args.device)
+    model, ckpt, config = load_run_model(args, run_dir, device)
+    vocabulary = ckpt["vocabulary"]
+    thresholds = ckpt.get("thresholds")
+    if thresholds is None:
+        print(f"Note: {run_dir} has no fitted thresholds yet (run --evaluate first); using 0.5 for every label.",
+              flush=True)
+        thresholds = torch.full((len(vocabulary),), 0.5)
+    split = Split("predict", [str(f) for f in files], files, torch.zeros(len(files), len(vocabulary)))
+    loader = make_loader(AnnotationDataset(split, config["image_size"], args.skip_bad_images), args.batch_size,
+                         args.num_workers, shuffle=False)
+    preprocess = BatchPreprocessor(*normalisation(model), device, resolve_precision(args.amp, args.channels_last, device))
+    out = predict(model, loader, device, preprocess, desc="predict", progress=args.progress)
+    rows = []
+    for index, probs in zip(out["indices"].tolist(), out["probs"]):
+        chosen = (probs >= thresholds).nonzero().flatten().tolist()
+        chosen.sort(key=lambda j: -float(probs[j]))
+        labels = [{"label": vocabulary[j], "score": round(float(probs[j]), 4)} for j in chosen]
+        rows.append({"image": str(files[index]), "labels": labels})
+        print(f"{files[index]}  " + " ".join(f"{x['label']}:{x['score']:.3f}" for x in labels), flush=True)
+    for index in out["bad"].tolist():
+        print(f"{files[index]}  (unreadable, skipped)", flush=True)
+    prefix = Path(args.output) if args.output else run_dir / "predictions"
+    atomic_write_json(prefix.with_suffix(".json"), rows)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image", "labels", "scores"])
+    for row in rows:
+        writer.writerow([row["image"], " ".join(x["label"] for x in row["labels"]),
+                         " ".join(f"{x['score']:.4f}" for x in row["labels"])])
+    atomic_write_text(prefix.with_suffix(".csv"), buffer.getvalue())
+    print(f"Wrote {prefix.with_suffix('.csv')} and {prefix.with_suffix('.json')}", flush=True)
+    return rows
+
+
+def compare_runs(run_dirs: list[str]) -> str:
+    """One markdown table, one row per run, from each run's results.json."""
+    header = ("| Run | Model | Loss | Data | " + " | ".join(f"{n} @0.5" for _, n in METRIC_ROWS[3:6]) + " | "
+              + " | ".join(f"{n} +MCC" for _, n in METRIC_ROWS[3:7]) + " | mAP |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for run in run_dirs:
+        path = Path(run) / "results.json"
+        if not path.is_file():
+            raise CheckpointError(f"'{path}' does not exist; run --evaluate --checkpoint {run} first.")
+        r = json.loads(path.read_text())
+        meta = r["run"]
+        cells = ([Path(run).name, meta["model"], meta["loss_function"], meta["data"]]
+                 + [_format(r["default"][k]) for k, _ in METRIC_ROWS[3:6]]
+                 + [_format(r["mcc"][k]) for k, _ in METRIC_ROWS[3:7]] + [_format(r["mcc"]["mAP"])])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

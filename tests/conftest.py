@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny generated datasets in the Corel-5k format and the real annotation files in ../shared."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def write_dataset(root: Path, n_train: int = 24, n_test: int = 10, labels=("sky", "sun", "water", "boat", "tree"),
+                  seed: int = 0, size=(48, 32)) -> Path:
+    """A tiny learnable dataset: label j present <=> a coloured square in slot j; returns root."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, size=(len(labels), 3))
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for split, n, offset in (("train", n_train, 0), ("test", n_test, 10_000)):
+        samples = []
+        for i in range(n):
+            present = rng.random(len(labels)) < 0.4
+            present[rng.integers(len(labels))] = True
+            image = np.full((size[1], size[0], 3), 20, dtype=np.uint8)
+            for j in np.flatnonzero(present):
+                x0 = (j * size[0]) // len(labels)
+                image[4:-4, x0 + 1:x0 + size[0] // len(labels) - 1] = colours[j]
+            name = f"{offset + i}.jpeg"
+            Image.fromarray(image).save(root / "images" / name, quality=95)
+            samples.append({"image_name": name, "image_labels": [labels[j] for j in np.flatnonzero(present)]})
+        (root / f"{split}.json").write_text(json.dumps({"samples": samples, "labels": list(labels)}))
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    return write_dataset(tmp_path / "tiny")
+
+
+@pytest.fixture
+def shared_datasets() -> Path:
+    if not SHARED_DATASETS.is_dir():
+        pytest.skip(f"the real annotation files are not at {SHARED_DATASETS} (../shared beside the repository)")
+    return SHARED_DATASETS
