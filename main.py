@@ -330,7 +330,11 @@ def cli(argv=None) -> None:
     try:
         main(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e)
+        if "Original Traceback" in message:
+            # Raised in a DataLoader worker: torch re-raises it with the worker's traceback folded into the message.
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

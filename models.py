@@ -88,20 +88,42 @@ def create_model(name: str, num_classes: int, pretrained: bool = False, weights:
         weights = Path(weights).expanduser()
         if not weights.is_file():
             raise ModelError(f"--weights file '{weights}' does not exist; give the path of a local {timm_name} weight file.")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
-        pretrained = True
-    if pretrained and weights is None and not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
+        pretrained = False
+    if pretrained and not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
         raise ModelError(_offline_message(timm_name, ConnectionError("no connection to the weight hub")))
     try:
         backbone = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **kwargs)
     except (OSError, RuntimeError, ValueError, ImportError, KeyError) as e:
-        if weights is not None:
-            raise ModelError(f"Could not load --weights '{weights}' into {timm_name} ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]}); is it a {timm_name} checkpoint?") from None
         if pretrained:
             raise ModelError(_offline_message(timm_name, e)) from None
         raise
+    if weights is not None:
+        load_backbone_weights(backbone, weights, timm_name)
     return AnnotationModel(backbone, num_classes, global_pooling=global_pooling, dropout=dropout)
+
+
+def load_backbone_weights(backbone: nn.Module, path: Path, timm_name: str) -> None:
+    """Load a timm-format weight file into `backbone`, strictly except for the ImageNet classifier it drops.
+
+    timm's own loader ignores mismatched keys with a log line; a wrong file must be an error instead.
+    """
+    try:
+        state = timm.models.load_state_dict(str(path))
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as e:
+        raise ModelError(f"Could not load --weights '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
+                         f"give a {timm_name} weight file (.pth, .bin or .safetensors).") from None
+    classifier = (backbone.pretrained_cfg or {}).get("classifier") or "fc"
+    state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
+    try:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ModelError(f"Could not load --weights '{path}' into {timm_name}: tensor shapes differ "
+                         f"({str(e).splitlines()[1].strip()[:150] if len(str(e).splitlines()) > 1 else e}); "
+                         f"is it a {timm_name} weight file?") from None
+    if missing or unexpected:
+        raise ModelError(f"Could not load --weights '{path}' into {timm_name}: {len(missing)} of its weights are missing "
+                         f"from the file (e.g. {missing[:3]}) and {len(unexpected)} keys are unknown (e.g. {unexpected[:3]}); "
+                         f"is it a {timm_name} weight file?")
 
 
 def count_trainable_parameters(model: nn.Module) -> int:
