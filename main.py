@@ -21,6 +21,7 @@ import torch
 from checkpoint import (CSVLogger, check_compatible, find_latest_run, json_config, load_checkpoint, load_config,
                         make_run_dir, save_checkpoint, save_config, CHECKPOINT_VERSION)
 from dataset import AnnotationDataset, load_dataset, make_loader, resolve_data_root, DATASETS
+from distributed import World, broadcast_object, cleanup, current_world, init_distributed
 from engine import (BatchPreprocessor, EpochProgress, NonFiniteLossError, epoch_flips, evaluate, get_device,
                     predict, resolve_precision, train_one_epoch)
 from losses import LOSSES, create_loss
@@ -43,7 +44,8 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Multi-label automatic image annotation: train, --evaluate, --predict, --compare.",
-        formatter_class=DefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter,
+        epilog="Plots: python main.py --plot {gradients,labels,curves,per-label} ... (see analysis.py).")
 
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, choices=sorted(MODELS),
@@ -93,6 +95,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="channels_last memory format: auto = on for CUDA, off for CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--sync-bn", action="store_true", help="under torchrun: synchronise BatchNorm statistics across processes")
 
     g = parser.add_argument_group("runs and checkpoints")
     g.add_argument("--save-dir", default="runs", help="where run directories are created")
@@ -145,6 +148,8 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 0:
             problems.append(f"--{name.replace('_', '-')} cannot be negative (got {value})")
+    if args.sync_bn and not torch.cuda.is_available():
+        problems.append("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation)")
     if args.weights is not None and not args.pretrained:
         problems.append("--weights and --no-pretrained contradict each other; give one of them")
     if problems:
@@ -152,7 +157,9 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def _say(message: str) -> None:
-    print(message, flush=True)
+    """Print on rank 0 only (every process under torchrun runs this code)."""
+    if current_world().is_main:
+        print(message, flush=True)
 
 
 def build_training(config: dict, device: torch.device, num_classes: int, steps_per_epoch: int):
@@ -165,8 +172,15 @@ def build_training(config: dict, device: torch.device, num_classes: int, steps_p
     # Fused Adam where the device has it (one kernel for all parameters), else the multi-tensor path.
     fused = device.type in ("cuda", "cpu")
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"], fused=fused)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["learning_rate"], epochs=config["epochs"],
-                                                    steps_per_epoch=steps_per_epoch, pct_start=0.2)
+    total_steps = config["epochs"] * steps_per_epoch
+    # OneCycleLR needs more than one warm-up step (pct_start * total_steps > 1) and a step after it; only tiny
+    # smoke-test runs are that short, and they get the shortest valid warm-up instead of a division by zero.
+    pct_start = 0.2 if 0.2 * total_steps > 1 else min(1.5 / total_steps, 0.75)
+    if pct_start != 0.2:
+        _say(f"Note: {total_steps} optimiser steps are too few for a 20% warm-up; OneCycleLR warms up over "
+             f"{pct_start:.0%} of them.")
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["learning_rate"], total_steps=max(total_steps, 2),
+                                                    pct_start=pct_start)
     ema = None
     if config["ema"]:
         ema = torch.optim.swa_utils.AveragedModel(
@@ -176,6 +190,16 @@ def build_training(config: dict, device: torch.device, num_classes: int, steps_p
 
 def _resume_command(run_dir: Path) -> str:
     return f"python main.py --resume {shlex.quote(str(run_dir))}"
+
+
+def distributed_model(model: torch.nn.Module, config: dict, world: World, device: torch.device) -> torch.nn.Module:
+    """The module the training loop calls: DDP-wrapped under torchrun, compiled with --compile."""
+    if world.world_size > 1:
+        if config["sync_bn"]:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if config["compile"] else model
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -191,9 +215,12 @@ def train(args: argparse.Namespace) -> Path:
     else:
         config = json_config(vars(args))
         last = None
-    device = get_device(config["device"])
+    world, device = init_distributed(get_device(config["device"]))
     precision = resolve_precision(config["amp"], config["channels_last"], device)
-    root = resolve_data_root(config["data"])
+    progress = config["progress"] and world.is_main
+    root = resolve_data_root(config["data"]) if world.is_main else None
+    # Rank 0 generates the demo data if needed; the others wait for it and then read the same folder.
+    root = resolve_data_root(str(broadcast_object(str(root)))) if world.world_size > 1 else root
     data = load_dataset(root, config["augmentation"], config["val_size"], config["seed"], config["select_on_test"],
                         config["skip_bad_images"])
     for split in (data.train, data.val, data.test):
@@ -208,8 +235,13 @@ def train(args: argparse.Namespace) -> Path:
     train_set = AnnotationDataset(data.train, config["image_size"], config["skip_bad_images"])
     val_set = AnnotationDataset(data.val, config["image_size"], config["skip_bad_images"])
     pin = device.type == "cuda"
-    train_loader = make_loader(train_set, B, workers, shuffle=True, seed=config["seed"], pin_memory=pin)
-    val_loader = make_loader(val_set, B, workers, shuffle=False, pin_memory=pin)
+    shards = dict(num_replicas=world.world_size, rank=world.rank)
+    # Drop the last partial batch (a different few images each epoch, as the order is reshuffled): a batch of one
+    # image would break BatchNorm in training mode. Tiny runs with fewer images than a batch keep them.
+    drop_last = len(train_set) // world.world_size >= B
+    train_loader = make_loader(train_set, B, workers, shuffle=True, seed=config["seed"], pin_memory=pin,
+                               drop_last=drop_last, **shards)
+    val_loader = make_loader(val_set, B, workers, shuffle=False, pin_memory=pin, **shards)
     steps_per_epoch = len(train_loader)
 
     model, criterion, optimizer, scheduler, ema = build_training(config, device, len(data.vocabulary), steps_per_epoch)
@@ -217,7 +249,7 @@ def train(args: argparse.Namespace) -> Path:
         model = model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler(device.type) if precision.amp_dtype is torch.float16 else None
     preprocess = BatchPreprocessor(*normalisation(model), device, precision)
-    forward_model = torch.compile(model) if config["compile"] else model
+    forward_model = distributed_model(model, config, world, device)
 
     start_epoch, state, best, best_epoch = 0, EpochProgress(), -1.0, 0
     if last is not None:
@@ -235,13 +267,19 @@ def train(args: argparse.Namespace) -> Path:
         start_epoch, state = last["epoch"], EpochProgress(**last["epoch_progress"])
         best, best_epoch = last["best_metric"], last["best_epoch"]
     else:
-        run_dir = make_run_dir(config["save_dir"], config["model"], config["loss_function"], config["data"],
-                               config["run_name"])
+        run_dir = None
+        if world.is_main:
+            run_dir = make_run_dir(config["save_dir"], config["model"], config["loss_function"], config["data"],
+                                   config["run_name"])
+            config["run_dir"] = str(run_dir)
+            config["world_size"] = world.world_size
+            save_config(run_dir, config)
+        run_dir = Path(broadcast_object(str(run_dir)))
         config["run_dir"] = str(run_dir)
-        save_config(run_dir, config)
         _say(f"Run directory: {run_dir}")
     logger = CSVLogger(run_dir / "log.csv")
-    logger.truncate_after(start_epoch + 1)
+    if world.is_main:
+        logger.truncate_after(start_epoch + 1)
     _say(f"{config['model']} ({count_trainable_parameters(model):,} trainable parameters) + {config['loss_function']} "
          f"on {device} ({'fp32' if precision.amp_dtype is None else precision.amp_dtype}, "
          f"{'channels_last' if precision.channels_last else 'NCHW'}); splits {data.sizes()}")
@@ -264,9 +302,10 @@ def train(args: argparse.Namespace) -> Path:
         try:
             stats = train_one_epoch(forward_model, train_loader, criterion, optimizer, device, preprocess, epoch=epoch,
                                     flips=flips, scheduler=scheduler, scaler=scaler, ema=ema, state=state,
-                                    progress=config["progress"], bad_images=bad)
+                                    progress=progress, bad_images=bad)
         except KeyboardInterrupt:
-            save_checkpoint(run_dir / "last.pth", checkpoint(epoch, state))
+            if world.is_main:
+                save_checkpoint(run_dir / "last.pth", checkpoint(epoch, state))
             _say(f"\nInterrupted at epoch {epoch + 1}, batch {state.step}; saved {run_dir / 'last.pth'}. "
                  f"Resume with:\n  {_resume_command(run_dir)}")
             raise SystemExit(130) from None
@@ -275,11 +314,11 @@ def train(args: argparse.Namespace) -> Path:
             _say(f"Epoch {epoch + 1}: skipped {len(bad)} unreadable training images: {', '.join(names[:5])}"
                  f"{' ...' if len(names) > 5 else ''}")
         row = {"epoch": epoch + 1, **stats}
-        row.update(evaluate(forward_model, val_loader, criterion, device, preprocess, progress=config["progress"]))
+        row.update(evaluate(forward_model, val_loader, criterion, device, preprocess, progress=progress))
         score, source = row["val/per_class/f1"], "model"
         if ema is not None:
             row.update(evaluate(ema.module, val_loader, criterion, device, preprocess, prefix="val_ema",
-                                progress=config["progress"]))
+                                progress=progress))
             if row["val_ema/per_class/f1"] > score:
                 score, source = row["val_ema/per_class/f1"], "ema"
         row["time_s"] = time.perf_counter() - start
@@ -289,9 +328,11 @@ def train(args: argparse.Namespace) -> Path:
             weights = ema.module.state_dict() if source == "ema" else model.state_dict()
             best_ckpt = checkpoint(epoch + 1, state, weights)
             best_ckpt["best_source"] = source
-            save_checkpoint(run_dir / "best.pth", best_ckpt)
-        save_checkpoint(run_dir / "last.pth", checkpoint(epoch + 1, state))
-        logger.log(row)
+            if world.is_main:
+                save_checkpoint(run_dir / "best.pth", best_ckpt)
+        if world.is_main:
+            save_checkpoint(run_dir / "last.pth", checkpoint(epoch + 1, state))
+            logger.log(row)
         ema_note = f", EMA {row['val_ema/per_class/f1']:.3f}" if ema is not None else ""
         _say(f"epoch {epoch + 1}/{config['epochs']}: train loss {row['train/loss']:.4f}, val loss "
              f"{row['val/loss']:.4f}, val per-class F1@0.5 {row['val/per_class/f1']:.3f}{ema_note}, "
@@ -326,6 +367,12 @@ def main(args: argparse.Namespace):
 
 
 def cli(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--plot"]:
+        # The figures live in analysis.py, which has its own sub-commands and flags.
+        from analysis import cli as plot_cli
+
+        return plot_cli(argv[1:])
     args = get_args_parser().parse_args(argv)
     try:
         main(args)
@@ -336,6 +383,8 @@ def cli(argv=None) -> None:
             message = message.strip().splitlines()[-1].split(": ", 1)[-1]
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        cleanup()
 
 
 if __name__ == "__main__":
