@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from distributed import gather_predictions
 from metrics import compute_metrics
 from utils import UserError
 
@@ -172,7 +173,9 @@ def predict(model: nn.Module, loader, device: torch.device, preprocess: BatchPre
             desc: str = "predict", progress: bool = True) -> dict[str, torch.Tensor]:
     """Run `model` over `loader`; returns {'logits': (N, C), 'probs': (N, C), 'targets': (N, C), 'indices': (N,)} on CPU, float32.
 
-    Rows come in loader order; unreadable images (skipped by the loader) are left out and listed in 'bad' (N_bad,).
+    Rows are in dataset-index order, one per sample; under torchrun every rank's rows are gathered (each rank
+    then holds all of them) and the sampler's padding is removed. Unreadable images (skipped by the loader) are
+    left out and listed in 'bad' (N_bad,).
     """
     model.eval()
     logits, targets, indices, bad = [], [], [], []
@@ -186,11 +189,16 @@ def predict(model: nn.Module, loader, device: torch.device, preprocess: BatchPre
         logits.append(out.float().cpu())
         targets.append(target.float())
         indices.append(index)
-    if not logits:
+    num_classes = loader.dataset.split.targets.shape[1]
+    out = gather_predictions({
+        "logits": torch.cat(logits) if logits else torch.empty(0, num_classes),  # (N, C)
+        "targets": torch.cat(targets) if targets else torch.empty(0, num_classes),
+        "indices": torch.cat(indices) if indices else torch.empty(0, dtype=torch.long),
+        "bad": torch.tensor(bad, dtype=torch.long)})
+    if out["logits"].shape[0] == 0:
         raise UserError("No readable images were left to evaluate; check the images of this split.")
-    logits_t = torch.cat(logits)  # (N, C)
-    return {"logits": logits_t, "probs": torch.sigmoid(logits_t), "targets": torch.cat(targets),
-            "indices": torch.cat(indices), "bad": torch.tensor(bad, dtype=torch.long)}
+    out["probs"] = torch.sigmoid(out["logits"])
+    return out
 
 
 def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.device, preprocess: BatchPreprocessor, *,

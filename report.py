@@ -22,6 +22,7 @@ from checkpoint import (CheckpointError, check_compatible, find_latest_run, load
                         save_checkpoint)
 from dataset import (AnnotationDataset, BadImageError, Split, load_dataset, load_image, make_loader,
                      resolve_data_root)
+from distributed import init_distributed
 from engine import BatchPreprocessor, get_device, predict, resolve_precision
 from metrics import compute_metrics, per_label_metrics
 from models import create_model, normalisation
@@ -122,7 +123,7 @@ def predictions_figure(split: Split, probs: torch.Tensor, thresholds: torch.Tens
 def evaluate_run(args: argparse.Namespace) -> dict:
     """Fit thresholds on the threshold split, evaluate the test set, write the four report files; returns results."""
     run_dir = _run_dir(args)
-    device = get_device(args.device)
+    world, device = init_distributed(get_device(args.device))
     model, ckpt, config = load_run_model(args, run_dir, device)
     root = resolve_data_root(config["data"] if args.data is None else args.data)
     data = load_dataset(root, config["augmentation"], config["val_size"], config["seed"], config["select_on_test"],
@@ -135,17 +136,17 @@ def evaluate_run(args: argparse.Namespace) -> dict:
 
     def run_on(split: Split) -> dict:
         loader = make_loader(AnnotationDataset(split, config["image_size"], args.skip_bad_images), args.batch_size,
-                             args.num_workers, shuffle=False, pin_memory=device.type == "cuda")
-        out = predict(model, loader, device, preprocess, desc=split.name, progress=args.progress)
-        order = torch.argsort(out["indices"])  # back to split order
-        return {"probs": out["probs"][order], "targets": out["targets"][order], "bad": out["bad"]}
+                             args.num_workers, shuffle=False, pin_memory=device.type == "cuda",
+                             num_replicas=world.world_size, rank=world.rank)
+        out = predict(model, loader, device, preprocess, desc=split.name, progress=args.progress and world.is_main)
+        return {"probs": out["probs"], "targets": out["targets"], "bad": out["bad"]}  # rows in split order
 
     fitted = run_on(fit_split)
     grid = torch.tensor(args.threshold_grid, dtype=torch.float64) if args.threshold_grid else DEFAULT_GRID
     thresholds = fit_thresholds(args.threshold_method, fitted["targets"], fitted["probs"], grid=grid,
                                 fallback=args.threshold_fallback).float()  # (C,)
     test = run_on(data.test)
-    if len(test["bad"]):
+    if len(test["bad"]) and world.is_main:
         print(f"Skipped {len(test['bad'])} unreadable test images; the figures cover the remaining "
               f"{len(test['probs'])}.", flush=True)
     results = {
@@ -160,6 +161,8 @@ def evaluate_run(args: argparse.Namespace) -> dict:
                 "best_epoch": ckpt["best_epoch"], "best_source": ckpt.get("best_source", "model"),
                 "head": config.get("head", "fc")},
     }
+    if not world.is_main:
+        return results
     write_report(run_dir, results, data, test, thresholds)
     # Keep the fitted thresholds with the weights, so --predict applies them.
     save_checkpoint(run_dir / "best.pth", {**ckpt, "thresholds": thresholds, "threshold_method": args.threshold_method})

@@ -155,8 +155,9 @@ def test_non_finite_loss_stops_naming_epoch_and_batch(tiny_dataset, tmp_path, mo
             def forward(self, logits, targets):
                 calls["n"] += 1
                 value = super().forward(logits, targets)
-                # Epoch 1 has 3 training batches; the 2nd batch of epoch 2 goes NaN.
-                return value * float("nan") if calls["n"] == 5 + 1 else value
+                # Epoch 1 makes 2 training calls (18 images, batches of 8, last partial batch dropped) and 1
+                # validation call; so call 5 is the 2nd batch of epoch 2, which goes NaN.
+                return value * float("nan") if calls["n"] == 5 else value
 
         exploding = Exploding.__new__(Exploding)
         exploding.__dict__ = loss.__dict__
