@@ -14,17 +14,21 @@ import csv
 import io
 import json
 import math
+import textwrap
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from checkpoint import (CheckpointError, check_compatible, find_latest_run, load_checkpoint, load_config,
                         save_checkpoint)
-from dataset import (AnnotationDataset, BadImageError, Split, load_dataset, load_image, make_loader,
+from dataset import (AnnotationDataset, BadImageError, Split, load_dataset, make_loader,
                      resolve_data_root)
 from distributed import init_distributed
 from engine import BatchPreprocessor, get_device, predict, resolve_precision
 from metrics import compute_metrics, per_label_metrics
+from heads import head_options
 from models import create_model, normalisation
 from thresholds import DEFAULT_GRID, fit_thresholds
 from utils import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -47,8 +51,10 @@ def load_run_model(args: argparse.Namespace, run_dir: Path, device: torch.device
     ckpt = load_checkpoint(run_dir / "best.pth")
     wanted = args.model or config["model"]
     check_compatible(ckpt, wanted, ckpt["vocabulary"], run_dir / "best.pth", config.get("head", "fc"))
+    # The head's label graph and text embeddings are placeholders here, filled from the checkpoint's state dict.
     model = create_model(config["model"], len(ckpt["vocabulary"]), pretrained=False,
-                         global_pooling=config["global_pooling"]).to(device)
+                         global_pooling=config["global_pooling"], head=config.get("head", "fc"),
+                         head_options=head_options(config)).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt, config
 
@@ -88,6 +94,17 @@ def _labels_of(row: torch.Tensor, vocabulary: list[str], scores: torch.Tensor | 
     return [vocabulary[j] for j in idx]
 
 
+def display_image(path: Path, longest_side: int = 320):
+    """The image as an RGB uint8 array (H, W, 3) at its own aspect ratio, for figures."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((longest_side, longest_side))
+            return np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(f"Image '{path}' cannot be read ({type(e).__name__}: {e}).") from None
+
+
 def predictions_figure(split: Split, probs: torch.Tensor, thresholds: torch.Tensor, vocabulary: list[str],
                        count: int = 12, columns: int = 4) -> bytes:
     """PNG bytes: a grid of the first `count` images, titled with truth and predictions at 0.5 and at `thresholds`."""
@@ -104,15 +121,16 @@ def predictions_figure(split: Split, probs: torch.Tensor, thresholds: torch.Tens
     for i in range(count):
         ax = axes.flat[i]
         try:
-            image = load_image(split.paths[i], 256).permute(1, 2, 0).numpy()
+            image = display_image(split.paths[i])
         except BadImageError:
             continue
         ax.imshow(image)
         truth = ", ".join(_labels_of(split.targets[i], vocabulary))
         at_half = ", ".join(_labels_of(probs[i] >= 0.5, vocabulary, probs[i])) or "-"
         fitted = ", ".join(_labels_of(probs[i] >= thresholds, vocabulary, probs[i])) or "-"
-        ax.set_title(f"{split.image_names[i]}\ntruth: {truth}\n@0.5: {at_half}\nMCC: {fitted}", fontsize=8, loc="left",
-                     wrap=True)
+        lines = [split.image_names[i], f"truth: {truth}", f"@0.5: {at_half}", f"MCC: {fitted}"]
+        ax.set_title("\n".join(textwrap.fill(line, 52, subsequent_indent="    ") for line in lines), fontsize=8,
+                     loc="left")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
