@@ -1,0 +1,194 @@
+"""Command line: `python -m DataAugmentation --data Corel-5k --iterations 1001 [--group-size K] [--limit N] ...`.
+
+Trains one WGAN-GP per training image of <root>/train.json, K images at a time, and writes three fakes per image
+to <root>/aug-images/ plus <root>/train_aug.json (see files.py). Resumable: images whose three outputs exist are
+skipped, and train_aug.json is rebuilt from what exists after every group, so Ctrl-C (or a crash) loses at most
+the group in flight.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from dataset import DatasetError, read_annotations, resolve_data_root
+from engine import get_device
+from utils import UserError
+
+from .files import AUG_DIR, AUG_JSON, finished_images, load_real_image, save_outputs, write_train_aug
+from .models import GanConfig
+from .train import BACKENDS, N_OUTPUTS, image_seed, train_images
+
+# Measured (bench/gan.py, DataAugmentation/README.md): on the CPU a grouped step costs more per image than K
+# single-image steps, so the CPU trains one image at a time (K = 1, and the "loop" backend if K > 1 is asked
+# for); on CUDA the batch-of-one step is launch-bound and K = 32 images share every kernel launch.
+AUTO_GROUP_SIZE = {"cpu": 1, "cuda": 32}
+AUTO_BACKEND = {"cpu": "loop", "cuda": "grouped"}
+FIRST_FEW = 5
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'128x192' -> (128, 192) (height x width)."""
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size HEIGHTxWIDTH such as 128x192 or 16x24") from None
+    return height, width
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive integer")
+    return value
+
+
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends '(default: X)' to help strings that do not state their default in words already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or isinstance(action.default, bool) \
+                or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m DataAugmentation",
+        description="ML-WGAN-GP data augmentation: one WGAN-GP per training image, K images trained at once; "
+                    "writes <root>/aug-images/ and <root>/train_aug.json (used by main.py --augmentation).",
+        formatter_class=_DefaultsHelpFormatter)
+    parser.add_argument("--data", default="Corel-5k",
+                        help="dataset: Corel-5k, ESP-Game, IAPR-TC-12, demo, or a folder with train.json and images/")
+    parser.add_argument("--iterations", type=positive_int, default=1001,
+                        help=f"iterations per image ({GanConfig.n_critic} critic steps + 1 generator step each); "
+                             f"the fakes of the last {N_OUTPUTS} are saved")
+    parser.add_argument("--group-size", type=positive_int, default=None,
+                        help=f"images trained simultaneously (default: {AUTO_GROUP_SIZE['cpu']} on CPU, "
+                             f"{AUTO_GROUP_SIZE['cuda']} on CUDA, as measured)")
+    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                        help="grouped: the K images share every kernel (CUDA); loop: one after another (CPU); "
+                             "auto picks per device as measured. Both give the same images")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="only the first N images of train.json (default: all)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=0, help="run seed; each image's stream is seeded by (seed, name)")
+    parser.add_argument("--size", type=parse_size, default="128x192", metavar="HxW",
+                        help="generated image size (landscape); the study's is 128x192, tests use 16x24")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16"],
+                        help="bf16 autocast for the convolutions (penalty norm and losses stay fp32); fp16 is not "
+                             "offered: without hand-made scaling the penalty's inner gradient can underflow")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def _check_images(root: Path, names: Sequence[str]) -> list[Path]:
+    """Paths <root>/images/<name>; a clear error when the folder is empty or some images are missing."""
+    folder = root / "images"
+    paths = [folder / n for n in names]
+    missing = [n for n, p in zip(names, paths) if not p.is_file()]
+    if missing and len(missing) == len(names):
+        raise DatasetError(f"No training images found in '{folder}' (none of the {len(names)} pending images of "
+                           f"train.json, e.g. '{names[0]}'); put the dataset's images there.")
+    if missing:
+        raise DatasetError(f"{len(missing)} of {len(names)} pending training images are missing from '{folder}' "
+                           f"(first few: {', '.join(missing[:FIRST_FEW])}); add them, or remove them from train.json.")
+    return paths
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Generate the missing outputs; returns {"trained", "skipped", "entries", "group_size", "backend", "device",
+    "root"}."""
+    try:
+        cfg = GanConfig(height=args.size[0], width=args.size[1])
+    except ValueError as e:
+        raise UserError(f"--size {args.size[0]}x{args.size[1]}: {e}") from None
+    if args.iterations < N_OUTPUTS:
+        raise UserError(f"--iterations {args.iterations} is too small: the fakes of the last {N_OUTPUTS} iterations "
+                        f"are saved, so use at least {N_OUTPUTS} (the study uses 1001).")
+    try:
+        device = get_device(args.device)
+    except RuntimeError:  # torch.device's own complaint about an unknown device string
+        raise UserError(f"--device {args.device} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type not in AUTO_GROUP_SIZE:
+        raise UserError(f"--device {args.device} is not supported here; use auto, cpu or cuda.")
+    group_size = args.group_size or AUTO_GROUP_SIZE[device.type]
+    backend = AUTO_BACKEND[device.type] if args.backend == "auto" else args.backend
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # static shapes per group: let cuDNN pick the grouped-conv kernels
+
+    root = resolve_data_root(args.data)
+    all_samples, vocabulary = read_annotations(root / "train.json")
+    samples = all_samples[:args.limit] if args.limit is not None else all_samples
+    if not samples:
+        raise DatasetError(f"'{root / 'train.json'}' lists no samples; nothing to augment.")
+    aug_dir = root / AUG_DIR
+    # train_aug.json lists every finished image of train.json, also those beyond --limit from earlier runs.
+    done = finished_images(aug_dir, [s["image_name"] for s in all_samples])
+    pending = [s for s in samples if s["image_name"] not in done]
+    paths = _check_images(root, [s["image_name"] for s in pending]) if pending else []
+    aug_dir.mkdir(parents=True, exist_ok=True)
+    entries = write_train_aug(root / AUG_JSON, all_samples, vocabulary, done)  # rebuilt from what exists
+
+    bar = tqdm(total=len(samples), initial=len(samples) - len(pending), unit="img", disable=not args.progress,
+               desc=f"ML-WGAN-GP K={group_size} {backend} {device.type}", dynamic_ncols=True)
+    last_refresh = [0.0]
+
+    def show_iteration(done_its: int, total_its: int) -> None:
+        # Within a group (minutes to hours on a CPU) show the iterations done; refresh at most every 2 s.
+        now = time.monotonic()
+        if now - last_refresh[0] > 2.0:
+            last_refresh[0] = now
+            bar.set_postfix_str(f"group it {done_its}/{total_its}{group_note}", refresh=True)
+
+    trained, group_note = 0, ""
+    try:
+        for start in range(0, len(pending), group_size):
+            group = pending[start:start + group_size]
+            names = [s["image_name"] for s in group]
+            t0 = time.perf_counter()
+            real = torch.stack([load_real_image(p, cfg.height, cfg.width) for p in paths[start:start + len(group)]])
+            seeds = [image_seed(args.seed, n) for n in names]
+            fakes_k = train_images(real, seeds, cfg, args.iterations, backend, device=device,
+                                   precision="bf16" if args.amp == "bf16" else "fp32",
+                                   on_progress=show_iteration if args.progress else None)
+            for name, fakes in zip(names, fakes_k):
+                save_outputs(aug_dir, name, fakes)
+            done.update(names)
+            entries = write_train_aug(root / AUG_JSON, all_samples, vocabulary, done)
+            trained += len(group)
+            group_note = f", last group {time.perf_counter() - t0:.1f}s"
+            bar.set_postfix_str(f"group {start // group_size + 1}/{-(-len(pending) // group_size)}{group_note}",
+                                refresh=False)
+            bar.update(len(group))
+    finally:
+        bar.close()
+    return {"trained": trained, "skipped": len(samples) - len(pending), "entries": entries,
+            "group_size": group_size, "backend": backend, "device": str(device), "root": str(root)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 done, 2 user error, 130 interrupted)."""
+    args = get_args_parser().parse_args(argv)
+    try:
+        summary = run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted: finished images are saved and listed in train_aug.json; the group in flight was "
+              "discarded. Rerun the same command to continue.", file=sys.stderr)
+        return 130
+    print(f"Done: {summary['trained']} images trained, {summary['skipped']} already finished; "
+          f"{summary['entries']} generated images listed in {Path(summary['root']) / AUG_JSON}.")
+    return 0

@@ -1,0 +1,102 @@
+"""Reading the real images and writing the generated ones (atomically), plus train_aug.json.
+
+Layout under a dataset root:
+    <root>/images/<image_name>                   the training photos (listed in <root>/train.json)
+    <root>/aug-images/<stem>_aug<ext>            fake 1, as generated (landscape H x W)
+    <root>/aug-images/<stem>_aug_hor_flip<ext>   fake 2, flipped left-right
+    <root>/aug-images/<stem>_aug_rot_90<ext>     fake 3, rotated 90 degrees clockwise (W x H), i.e. "rotated back"
+                                                 into the portrait orientation the study rotated portraits out of
+    <root>/train_aug.json                        {"samples": [{"image_name": "<stem>_aug<ext>", "image_labels": [...]}
+                                                 , ...], "labels": <train.json's vocabulary>}
+
+<ext> is the original's extension when it is .jpeg/.jpg (Corel-5k: "1000.jpeg" -> "1000_aug.jpeg", the study's
+names), otherwise ".jpeg"; the files are JPEG either way. Keeping the extension lets dataset.original_name map a
+copy back to its original ("15001_aug.jpg" -> "15001.jpg" for ESP-Game).
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dataset import BadImageError
+from utils import atomic_write_bytes, atomic_write_json
+
+AUG_DIR = "aug-images"
+AUG_JSON = "train_aug.json"
+SUFFIXES = ("_aug", "_aug_hor_flip", "_aug_rot_90")
+# The study crops 122 x 186 out of its 128 x 192 (landscape) images before resizing back to 128 x 192.
+CROP_FRACTION = (122 / 128, 186 / 192)
+JPEG_QUALITY = 95
+
+
+def output_names(image_name: str) -> tuple[str, str, str]:
+    """The three output file names of one training image: '1000.jpeg' -> ('1000_aug.jpeg', ...)."""
+    stem, ext = os.path.splitext(os.path.basename(image_name))
+    ext = ext if ext.lower() in (".jpeg", ".jpg") else ".jpeg"
+    return tuple(f"{stem}{suffix}{ext}" for suffix in SUFFIXES)  # type: ignore[return-value]
+
+
+def load_real_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """The study's preprocessing of the real image; returns (3, H, W) in [-1, 1].
+
+    Portrait images (height > width) are rotated 90 degrees counter-clockwise (the study's
+    `rotate(90, expand=True)`), then centre-cropped to a fraction 122/128 x 186/192 of their size (the study's
+    CenterCrop((122, 186)) on 128 x 192), resized bilinearly to H x W, and mapped x -> 2 x / 255 - 1.
+    """
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.height > im.width:
+                im = im.transpose(Image.Transpose.ROTATE_90)
+            h, w = im.height, im.width
+            ch, cw = round(h * CROP_FRACTION[0]), round(w * CROP_FRACTION[1])
+            top, left = round((h - ch) / 2), round((w - cw) / 2)  # torchvision's CenterCrop offsets
+            im = im.crop((left, top, left + cw, top + ch)).resize((width, height), Image.BILINEAR)
+            array = np.asarray(im, dtype=np.float32)  # (H, W, 3) in [0, 255]
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"Image '{path}' cannot be read ({type(e).__name__}: {e}); replace the file or remove "
+                            f"it from train.json.") from None
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def fakes_to_images(fakes: torch.Tensor) -> list[Image.Image]:
+    """Three fakes (3, 3, H, W) in [-1, 1] -> the three output images: as is, flipped left-right, rotated clockwise.
+
+    Pixel value round(255 * clamp((x + 1) / 2, 0, 1)).
+    """
+    pixels = ((fakes.detach().float().cpu() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)  # (3, 3, H, W)
+    views = [pixels[0],
+             pixels[1].flip(-1),  # horizontal flip: reverse the columns
+             torch.rot90(pixels[2], k=-1, dims=(1, 2))]  # 90 degrees clockwise: (3, W, H)
+    return [Image.fromarray(v.permute(1, 2, 0).contiguous().numpy()) for v in views]
+
+
+def save_outputs(aug_dir: Path, image_name: str, fakes: torch.Tensor) -> list[Path]:
+    """Write the three outputs of one image into `aug_dir`, each atomically (temporary file + os.replace)."""
+    paths = []
+    for name, image in zip(output_names(image_name), fakes_to_images(fakes)):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        paths.append(atomic_write_bytes(aug_dir / name, buffer.getvalue()))
+    return paths
+
+
+def finished_images(aug_dir: Path, image_names: Iterable[str]) -> set[str]:
+    """The image names whose three outputs all exist in `aug_dir` (one directory listing)."""
+    existing = set(os.listdir(aug_dir)) if aug_dir.is_dir() else set()
+    return {n for n in image_names if all(o in existing for o in output_names(n))}
+
+
+def write_train_aug(path: Path, samples: Sequence[dict], vocabulary: Sequence[str], done: set[str]) -> int:
+    """Atomically (re)write train_aug.json: the outputs of every finished sample, in train.json order, with the
+    original's labels and train.json's vocabulary. Returns the number of entries."""
+    entries = [{"image_name": out, "image_labels": list(s["image_labels"])}
+               for s in samples if s["image_name"] in done for out in output_names(s["image_name"])]
+    atomic_write_json(path, {"samples": entries, "labels": list(vocabulary)})
+    return len(entries)
