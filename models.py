@@ -15,6 +15,7 @@ import timm
 import torch
 from torch import nn
 
+from heads import build_head
 from utils import UserError
 
 # CLI name -> timm model name. The four backbones of the study, plus small CPU-friendly ones for demos and tests.
@@ -35,16 +36,22 @@ class ModelError(UserError, ValueError):
 
 
 class AnnotationModel(nn.Module):
-    """backbone.forward_features -> global pooling -> Dropout(p) -> Linear(F, C)."""
+    """backbone.forward_features -> global pooling -> Dropout(p) -> Linear(F, C) (the study's `head="fc"`).
 
-    def __init__(self, backbone: nn.Module, num_classes: int, global_pooling: str = "avg", dropout: float = 0.3):
+    `head` names another head of heads.HEADS ("gcn", "decoder"), built with `head_options`; a head whose
+    `spatial` attribute is True gets the spatial map (B, F, h, w) instead of the pooled features (B, F).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, global_pooling: str = "avg", dropout: float = 0.3,
+                 head: str = "fc", head_options: dict | None = None):
         super().__init__()
         if global_pooling not in ("avg", "max"):
             raise ModelError(f"--global-pooling must be 'avg' or 'max', not '{global_pooling}'.")
         self.backbone = backbone
         self.global_pooling = global_pooling
         self.num_features = backbone.num_features
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.num_features, num_classes))
+        self.head_name = head
+        self.head = build_head(head, self.num_features, num_classes, dropout=dropout, **(head_options or {}))
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         # (B, F, h, w) -> (B, F)
@@ -52,6 +59,8 @@ class AnnotationModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone.forward_features(x)  # (B, F, h, w)
+        if getattr(self.head, "spatial", False):
+            return self.head(features)  # (B, C)
         return self.head(self.pool(features))  # (B, C)
 
 
@@ -74,11 +83,14 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def create_model(name: str, num_classes: int, pretrained: bool = False, weights: str | Path | None = None,
-                 global_pooling: str = "avg", dropout: float = 0.3, **kwargs) -> AnnotationModel:
+                 global_pooling: str = "avg", dropout: float = 0.3, head: str = "fc", head_options: dict | None = None,
+                 **kwargs) -> AnnotationModel:
     """Build a registry backbone with the study's head.
 
     pretrained: fetch timm's ImageNet weights (network needed). weights: a local timm-format weight file
-    (.pth/.bin/.safetensors) loaded into the backbone instead, for offline machines. Extra kwargs go to timm.
+    (.pth/.bin/.safetensors) loaded into the backbone instead, for offline machines. head/head_options: the
+    classifier head (heads.HEADS, default the study's fc; heads.head_options builds the options from a run
+    configuration). Extra kwargs go to timm.
     """
     if name not in MODELS:
         raise ModelError(f"Unknown model '{name}'; choose one of: {', '.join(sorted(MODELS))}.")
@@ -99,7 +111,8 @@ def create_model(name: str, num_classes: int, pretrained: bool = False, weights:
         raise
     if weights is not None:
         load_backbone_weights(backbone, weights, timm_name)
-    return AnnotationModel(backbone, num_classes, global_pooling=global_pooling, dropout=dropout)
+    return AnnotationModel(backbone, num_classes, global_pooling=global_pooling, dropout=dropout, head=head,
+                           head_options=head_options)
 
 
 def load_backbone_weights(backbone: nn.Module, path: Path, timm_name: str) -> None:
