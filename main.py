@@ -26,6 +26,7 @@ from distributed import World, broadcast_object, cleanup, current_world, init_di
 from augment import make_train_augmentation
 from engine import (BatchPreprocessor, EpochProgress, NonFiniteLossError, epoch_flips, evaluate, get_device,
                     predict, resolve_precision, train_one_epoch)
+from image_cache import MODES as CACHE_MODES, build_cache
 from heads import GCN_P, GCN_TAU, HEADS, LABEL_EMBEDDINGS, head_options
 from losses import LOSSES, create_loss
 from models import MODELS, STRIDE, count_trainable_parameters, create_model, normalisation
@@ -34,7 +35,7 @@ from utils import UserError, seed_everything
 
 DEFAULT_MODEL, DEFAULT_DATA = "TResNet", "Corel-5k"
 # Flags that may differ when a run is resumed; everything else comes from the run's config.json.
-RUNTIME_FLAGS = ("resume", "num_workers", "progress", "device", "save_dir")
+RUNTIME_FLAGS = ("resume", "num_workers", "progress", "device", "save_dir", "cache")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -98,7 +99,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the study's original protocol: select the model on the test set (no validation split)")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="skip missing or unreadable images (counted and reported) instead of stopping")
-    g.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
+    g.add_argument("--num-workers", type=int, default=2,
+                   help="data-loading processes (decoding; batches from the cache are gathered in-process on CPU)")
+    g.add_argument("--cache", default="auto", choices=list(CACHE_MODES),
+                   help="decoded-image cache: each image decoded and resized once to uint8; auto = in memory up to "
+                        "4 GiB per split, else a memory-mapped .npy under <save-dir>/cache; none = decode every epoch")
 
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=40, help="training epochs")
@@ -284,8 +289,16 @@ def train(args: argparse.Namespace) -> Path:
 
     B, workers = config["batch_size"], config["num_workers"]
     augmentation = make_train_augmentation(config)
-    train_set = AnnotationDataset(data.train, config["image_size"], config["skip_bad_images"], transform=augmentation)
-    val_set = AnnotationDataset(data.val, config["image_size"], config["skip_bad_images"])
+    cache_mode = config["cache"]
+    if config["skip_bad_images"] and cache_mode != "none":
+        _say("Note: --skip-bad-images decodes images every epoch (the decoded-image cache needs every image readable).")
+        cache_mode = "none"
+    cache_dir = Path(config["save_dir"]) / "cache"
+    train_cache = build_cache(data.train, config["image_size"], cache_mode, cache_dir, workers, progress)
+    val_cache = build_cache(data.val, config["image_size"], cache_mode, cache_dir, workers, progress)
+    train_set = AnnotationDataset(data.train, config["image_size"], config["skip_bad_images"], cache=train_cache,
+                                  transform=augmentation)
+    val_set = AnnotationDataset(data.val, config["image_size"], config["skip_bad_images"], cache=val_cache)
     pin = device.type == "cuda"
     shards = dict(num_replicas=world.world_size, rank=world.rank)
     # Drop the last partial batch (a different few images each epoch, as the order is reshuffled): a batch of one
