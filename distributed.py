@@ -63,6 +63,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def sum_across_ranks(*values: float) -> list[float]:
+    """Each value summed over all ranks (the values themselves outside torchrun)."""
+    if current_world().world_size == 1:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64)
+    # gloo reduces CPU tensors; NCCL needs them on this process's GPU.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = total.to(device)
+    dist.all_reduce(total)
+    return total.cpu().tolist()
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -22,7 +22,7 @@ from timm.optim import param_groups_weight_decay
 from checkpoint import (CSVLogger, check_compatible, find_latest_run, json_config, load_checkpoint, load_config,
                         make_run_dir, save_checkpoint, save_config, CHECKPOINT_VERSION)
 from dataset import AnnotationDataset, load_dataset, make_loader, resolve_data_root, DATASETS
-from distributed import World, broadcast_object, cleanup, current_world, init_distributed
+from distributed import World, broadcast_object, cleanup, current_world, init_distributed, sum_across_ranks
 from augment import make_train_augmentation
 from engine import (BatchPreprocessor, EpochProgress, NonFiniteLossError, epoch_flips, evaluate, get_device,
                     predict, resolve_precision, train_one_epoch)
@@ -382,6 +382,10 @@ def train(args: argparse.Namespace) -> Path:
             names = [data.train.image_names[i] for i in bad]
             _say(f"Epoch {epoch + 1}: skipped {len(bad)} unreadable training images: {', '.join(names[:5])}"
                  f"{' ...' if len(names) > 5 else ''}")
+        if world.world_size > 1:
+            # Every rank saw its own shard: log the loss per image over all of them, and the total throughput.
+            loss_sum, seen, rate = sum_across_ranks(state.loss_sum, state.seen, stats["train/images_per_s"])
+            stats = {**stats, "train/loss": loss_sum / max(seen, 1), "train/images_per_s": rate}
         row = {"epoch": epoch + 1, **stats}
         row.update(evaluate(forward_model, val_loader, criterion, device, preprocess, progress=progress))
         score, source = row["val/per_class/f1"], "model"

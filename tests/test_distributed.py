@@ -1,5 +1,6 @@
 """torchrun on CPU with gloo: 2 processes train on tiny data, and evaluation gathers predictions so that 1 and 2
 processes give exactly the same metrics on splits that do not divide evenly."""
+import csv
 import json
 import os
 import subprocess
@@ -29,6 +30,9 @@ def test_two_processes_train_and_evaluate_exactly_like_one(tmp_path):
                    "--save-dir", str(save), "--run-name", "ddp", port=29531)
     assert out.count("epoch 1/1") == 1  # rank 0 alone prints
     run = save / "TinyResNet_AsymmetricLoss_tiny_ddp"
+    with (run / "log.csv").open() as f:
+        row = next(csv.DictReader(f))
+    assert float(row["train/loss"]) > 0 and float(row["train/images_per_s"]) > 0
     assert (run / "best.pth").is_file() and json.loads((run / "config.json").read_text())["world_size"] == 2
 
     evaluate = ["--evaluate", "--checkpoint", str(run), "--num-workers", "0", "--no-progress"]

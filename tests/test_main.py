@@ -239,3 +239,8 @@ def test_select_on_test_says_so(tiny_dataset, tmp_path, capsys):
     cli(["--evaluate", "--checkpoint", str(run), "--num-workers", "0", "--no-progress"])
     results = json.loads((run / "results.json").read_text())
     assert results["run"]["protocol"] == "study" and results["run"]["threshold_split"] == "train"
+
+
+def test_plot_passes_through_to_analysis(tmp_path):
+    cli(["--plot", "gradients", "--out", str(tmp_path)])
+    assert (tmp_path / "gradients.png").stat().st_size > 0 and (tmp_path / "gradients.csv").stat().st_size > 0
