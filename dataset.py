@@ -62,7 +62,7 @@ def resolve_data_root(data: str) -> Path:
         return ensure_demo_dataset(DEMO_ROOT)
     root = DATASETS.get(data, Path(data)).expanduser()
     if not root.is_dir():
-        hint = (f"put the dataset there (train.json, test.json and images/; see Corel-5k/README.md)"
+        hint = ("put the dataset there (train.json, test.json and images/; see Corel-5k/README.md)"
                 if data in DATASETS else "check the path")
         raise DatasetError(
             f"Dataset root '{root}' does not exist: {hint}, pass --data with another path "

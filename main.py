@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 from timm.optim import param_groups_weight_decay
 
-from checkpoint import (CSVLogger, check_compatible, find_latest_run, json_config, load_checkpoint, load_config,
+from augment import make_train_augmentation
+from checkpoint import (CSVLogger, check_compatible, json_config, load_checkpoint, load_config,
                         make_run_dir, save_checkpoint, save_config, CHECKPOINT_VERSION)
 from dataset import AnnotationDataset, load_dataset, make_loader, resolve_data_root, DATASETS
 from distributed import World, broadcast_object, cleanup, current_world, init_distributed, sum_across_ranks
-from augment import make_train_augmentation
-from engine import (BatchPreprocessor, EpochProgress, NonFiniteLossError, epoch_flips, evaluate, get_device,
-                    predict, resolve_precision, train_one_epoch)
-from image_cache import MODES as CACHE_MODES, build_cache
+from engine import (BatchPreprocessor, EpochProgress, epoch_flips, evaluate, get_device,
+                    resolve_precision, train_one_epoch)
 from heads import GCN_P, GCN_TAU, HEADS, LABEL_EMBEDDINGS, head_options
+from image_cache import MODES as CACHE_MODES, build_cache
 from losses import LOSSES, create_loss
 from models import MODELS, STRIDE, count_trainable_parameters, create_model, normalisation
 from thresholds import THRESHOLD_METHODS

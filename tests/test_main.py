@@ -97,7 +97,7 @@ def test_resume_after_ctrl_c_equals_the_uninterrupted_run(tiny_dataset, tmp_path
     interrupts = {(1, 1), (2, 0)}
 
     def interrupted(*args, **kwargs):
-        epoch, state = kwargs["epoch"], kwargs["state"]
+        epoch = kwargs["epoch"]
         for when in sorted(interrupts):
             if when[0] == epoch:
                 interrupts.discard(when)
