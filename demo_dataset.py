@@ -51,6 +51,7 @@ coral 1.8 %; most / least frequent ~30; 3.9 labels per image (Corel-5k: 3.4); 20
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -61,6 +62,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from utils import atomic_write_bytes, atomic_write_text
 
 GENERATOR_VERSION = 1
 
@@ -795,14 +798,9 @@ def _read_json(path: Path):
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file + os.replace, so `path` is always either the old or the whole new file.
-
-    No fsync: it guards against an interrupted process (Ctrl-C, kill), the case that matters here, and an
-    fsync per file costs seconds on a busy disk; ext4 also flushes data renamed over an existing file.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """utils.atomic_write_text without fsync: it guards against an interrupted process (Ctrl-C, kill), the case
+    that matters for regenerable files, and an fsync per file costs seconds on a busy disk."""
+    atomic_write_text(path, text, durable=False)
 
 
 def _is_complete(root: Path, manifest: dict) -> bool:
@@ -863,16 +861,17 @@ def ensure_demo_dataset(root: str | os.PathLike, n_train: int = 2000, n_test: in
             for index in indices:
                 image, labels = render_image(seed, index)
                 name = _image_name(index)
-                tmp = images / f".{name}.tmp"
-                image.save(tmp, format="JPEG", quality=90)
-                os.replace(tmp, images / name)
+                buffer = io.BytesIO()
+                image.save(buffer, format="JPEG", quality=90)
+                atomic_write_bytes(images / name, buffer.getvalue(), durable=False)
                 samples[split].append({"image_name": name, "image_labels": list(labels)})
                 bar.update(1)
 
     if ours_before:  # drop images of an earlier, larger demo set and temporary files of a crashed run
         wanted = {_image_name(i) for r in splits.values() for i in r}
         for path in images.iterdir():
-            if (_IMAGE_NAME.match(path.name) and path.name not in wanted) or path.name.endswith(".jpeg.tmp"):
+            stale_temporary = path.name.startswith(".") and path.name.endswith(".tmp")  # utils' atomic-write names
+            if (_IMAGE_NAME.match(path.name) and path.name not in wanted) or stale_temporary:
                 path.unlink()
     _atomic_write_text(root / "demo_vocabulary.txt", "\n".join(DEMO_LABELS) + "\n")
     for split in splits:
