@@ -36,6 +36,7 @@ from utils import UserError
 REPO_DIR = Path(__file__).resolve().parent
 # CLI name -> folder next to main.py (the study keeps Corel-5k there).
 DATASETS = {"Corel-5k": REPO_DIR / "Corel-5k", "ESP-Game": REPO_DIR / "ESP-Game", "IAPR-TC-12": REPO_DIR / "IAPR-TC-12"}
+DEFAULT_DATA = "Corel-5k"  # the CLI's default --data
 DEMO_ROOT = REPO_DIR / "data" / "demo"
 IMAGE_DIRS = ("images", "aug-images")
 # A GAN copy is named <original stem><suffix>.<ext>; the longest suffixes first so that "_aug" matches last.

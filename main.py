@@ -22,18 +22,17 @@ from timm.optim import param_groups_weight_decay
 from augment import make_train_augmentation
 from checkpoint import (CSVLogger, check_compatible, json_config, load_checkpoint, load_config,
                         make_run_dir, save_checkpoint, save_config, CHECKPOINT_VERSION)
-from dataset import AnnotationDataset, load_dataset, make_loader, resolve_data_root, DATASETS
+from dataset import DATASETS, DEFAULT_DATA, AnnotationDataset, load_dataset, make_loader, resolve_data_root
 from distributed import World, broadcast_object, cleanup, current_world, init_distributed, sum_across_ranks
 from engine import (BatchPreprocessor, EpochProgress, epoch_flips, evaluate, get_device,
                     resolve_precision, train_one_epoch)
 from heads import GCN_P, GCN_TAU, HEADS, LABEL_EMBEDDINGS, head_options
 from image_cache import MODES as CACHE_MODES, build_cache
 from losses import LOSSES, create_loss
-from models import MODELS, STRIDE, count_trainable_parameters, create_model, normalisation
+from models import DEFAULT_MODEL, MODELS, STRIDE, count_trainable_parameters, create_model, normalisation
 from thresholds import THRESHOLD_METHODS
 from utils import UserError, seed_everything
 
-DEFAULT_MODEL, DEFAULT_DATA = "TResNet", "Corel-5k"
 # Flags that may differ when a run is resumed; everything else comes from the run's config.json.
 RUNTIME_FLAGS = ("resume", "num_workers", "progress", "device", "save_dir", "cache")
 

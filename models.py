@@ -27,6 +27,7 @@ MODELS = {
     "ResNet18": "resnet18",
     "TinyResNet": "test_resnet",
 }
+DEFAULT_MODEL = "TResNet"  # the study's best backbone; the CLI's default
 # Image sizes must be multiples of the backbone's total stride (TResNet's space-to-depth stem needs it).
 STRIDE = 32
 

@@ -23,13 +23,13 @@ from PIL import Image
 
 from checkpoint import (CheckpointError, check_compatible, find_latest_run, load_checkpoint, load_config,
                         save_checkpoint)
-from dataset import (AnnotationDataset, BadImageError, Split, load_dataset, make_loader,
+from dataset import (DEFAULT_DATA, AnnotationDataset, BadImageError, Split, load_dataset, make_loader,
                      resolve_data_root)
 from distributed import init_distributed
 from engine import BatchPreprocessor, get_device, predict, resolve_precision
 from metrics import compute_metrics, per_label_metrics
 from heads import head_options
-from models import create_model, normalisation
+from models import DEFAULT_MODEL, create_model, normalisation
 from thresholds import DEFAULT_GRID, fit_thresholds
 from utils import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -42,7 +42,7 @@ METRIC_ROWS = (("per_image/precision", "Per-image P"), ("per_image/recall", "Per
 def _run_dir(args: argparse.Namespace) -> Path:
     if args.checkpoint:
         return Path(args.checkpoint)
-    return find_latest_run(args.save_dir, args.model or "TResNet", args.loss_function, args.data or "Corel-5k")
+    return find_latest_run(args.save_dir, args.model or DEFAULT_MODEL, args.loss_function, args.data or DEFAULT_DATA)
 
 
 def load_run_model(args: argparse.Namespace, run_dir: Path, device: torch.device):
