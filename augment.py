@@ -85,9 +85,8 @@ class TrainAugmentation:
         return image
 
 
-def make_train_augmentation(config: dict) -> TrainAugmentation | None:
-    """The run configuration's augmentation (keys seed, randaugment, cutout), or None when both are off."""
-    randaugment, factor = bool(config.get("randaugment", False)), float(config.get("cutout", 0.0) or 0.0)
-    if not randaugment and factor == 0:
+def make_train_augmentation(randaugment: bool, cutout_factor: float, seed: int) -> TrainAugmentation | None:
+    """`TrainAugmentation` with RandAugment on/off and Cutout of `cutout_factor` (0 = off), or None when both are off."""
+    if not randaugment and cutout_factor == 0:
         return None
-    return TrainAugmentation(config["seed"], randaugment=randaugment, cutout_factor=factor)
+    return TrainAugmentation(seed, randaugment=randaugment, cutout_factor=cutout_factor)

@@ -3,7 +3,11 @@
 A run directory `<save-dir>/<model>_<loss>_<dataset>_<timestamp or --run-name>/` holds:
 `config.json` (the resolved configuration), `last.pth` (written every epoch and on Ctrl-C), `best.pth`
 (on improvement of the validation per-class F1), `log.csv` (one row per epoch) and, after --evaluate,
-the report files. A checkpoint is a plain dict (see `make_checkpoint`), written atomically.
+the report files. A checkpoint is a plain dict (see `training_state`), written atomically.
+
+The run configuration (config.json) is the dict of main.py's flags. Runs made before a flag existed lack its key:
+`load_config` fills those keys once, from the defaults its caller passes (main.py's parser defaults, which are what
+those older runs did), so no other code needs a fallback.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import csv
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -64,15 +68,17 @@ def save_config(run_dir: Path, config: dict[str, Any]) -> None:
     atomic_write_json(run_dir / "config.json", json_config(config))
 
 
-def load_config(run_dir: str | Path) -> dict[str, Any]:
+def load_config(run_dir: str | Path, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's config.json, with every key of `defaults` that it lacks (a run older than that flag) filled in."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"'{run_dir}' is not a run directory (no config.json); give the folder that "
                               f"training created under --save-dir.")
     try:
-        return json.loads(path.read_text())
+        saved = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"'{path}' is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
+    return {**defaults, **saved}
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
@@ -95,21 +101,55 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
     return checkpoint
 
 
-def check_compatible(checkpoint: dict[str, Any], model: str, vocabulary: list[str], source: str | Path,
-                     head: str = "fc") -> None:
-    """Refuse a checkpoint made for another model, head or vocabulary, naming both."""
-    config = checkpoint["config"]
-    made = f"{config['model']} (head {config.get('head', 'fc')})"
-    wanted = f"{model} (head {head})"
+def check_model(made: str, wanted: str, source: str | Path) -> None:
+    """Refuse a checkpoint of model `made` when `wanted` (--model) names another, naming both."""
     if made != wanted:
         raise CheckpointError(f"Checkpoint '{source}' was made with {made}, but {wanted} was asked for; "
-                              f"use --model {config['model']} or another checkpoint.")
-    saved = checkpoint["vocabulary"]
+                              f"use --model {made} or another checkpoint.")
+
+
+def check_vocabulary(saved: list[str], vocabulary: list[str], source: str | Path) -> None:
+    """Refuse a checkpoint whose label vocabulary differs from the dataset's (labels or their order)."""
     if saved != list(vocabulary):
         diff = sorted(set(saved) ^ set(vocabulary))
         detail = f"labels in one but not the other: {diff[:8]}" if diff else "same labels in another order"
         raise CheckpointError(f"Checkpoint '{source}' has a vocabulary of {len(saved)} labels and the dataset "
                               f"has {len(vocabulary)} ({detail}); evaluate it on the dataset it was trained on.")
+
+
+def training_state(model: torch.nn.Module, optimizer, scheduler, *, scaler, ema, epoch: int,
+                   epoch_progress: dict, best_metric: float, best_epoch: int, config: dict, vocabulary: list[str],
+                   device: torch.device, weights: dict | None = None, best_source: str | None = None) -> dict:
+    """Everything a run needs to continue bit-identically: weights (`weights`, else the model's), optimiser,
+    scheduler, AMP scaler, EMA, where training stands (`epoch` to run next, `epoch_progress` inside it), the best
+    validation score so far, the configuration, the vocabulary and the RNG state. best.pth names its `best_source`
+    ("model" or "ema")."""
+    return {"version": CHECKPOINT_VERSION, "model": weights if weights is not None else model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
+            "epoch": epoch, "epoch_progress": dict(epoch_progress), "best_metric": best_metric,
+            "best_epoch": best_epoch, "best_source": best_source, "config": config, "vocabulary": list(vocabulary),
+            "thresholds": None,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+
+
+def restore_training_state(state: dict, model: torch.nn.Module, optimizer, scheduler, *, scaler, ema,
+                           device: torch.device) -> tuple[int, dict, float, int]:
+    """Load a `training_state` into the given objects and the RNG; returns (epoch, epoch_progress, best_metric,
+    best_epoch)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda" and state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    return state["epoch"], state["epoch_progress"], state["best_metric"], state["best_epoch"]
 
 
 class CSVLogger:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from utils import UserError
+
 
 @dataclass(frozen=True)
 class World:
@@ -23,6 +25,16 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def get_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA if available, else CPU; otherwise the named device (an error if it is CUDA and there is none)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available here; use --device cpu or auto.")
+    return device
 
 
 def init_distributed(device: torch.device) -> tuple[World, torch.device]:
@@ -47,6 +59,12 @@ def current_world() -> World:
 
 def is_main_process() -> bool:
     return current_world().is_main
+
+
+def say(message: str) -> None:
+    """Print on rank 0 only (under torchrun every process runs the same code)."""
+    if current_world().is_main:
+        print(message, flush=True)
 
 
 def broadcast_object(obj):

@@ -24,16 +24,6 @@ class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-def get_device(name: str = "auto") -> torch.device:
-    """'auto' -> CUDA if available, else CPU; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but CUDA is not available here; use --device cpu or auto.")
-    return device
-
-
 @dataclass(frozen=True)
 class Precision:
     """How the forward pass runs: autocast dtype (None = fp32) and memory format."""

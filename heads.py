@@ -241,23 +241,22 @@ def build_head(name: str, num_features: int, num_classes: int, dropout: float = 
     return HEADS[name](num_features, num_classes, dropout=dropout, **options)
 
 
-def head_options(config: dict, train_targets: torch.Tensor | None = None,
-                 vocabulary: Sequence[str] | None = None) -> dict:
-    """`build_head` options of the run configuration's head (keys head, gcn_tau, gcn_p, label_embeddings).
+def head_options(head: str, *, tau: float = GCN_TAU, p: float = GCN_P, label_embeddings: str = "learned",
+                 train_targets: torch.Tensor | None = None, vocabulary: Sequence[str] | None = None) -> dict:
+    """`build_head` options of `head` (only gcn has any): its label graph (`label_adjacency(train_targets, tau, p)`)
+    and node inputs (`label_embeddings`: learned, or fixed text embeddings of the `vocabulary`).
 
     For a model trained from scratch give the TRAINING split's targets (N, C) (never validation or test) and, for
     text label embeddings, the vocabulary. For a model whose state dict is loaded next, give neither: the graph
     and text embeddings are then placeholders of the right shape that the state dict fills.
     """
-    if config.get("head", "fc") != "gcn":
+    if head != "gcn":
         return {}
-    source = config.get("label_embeddings", "learned")
-    options: dict = {"label_embeddings": source}
+    options: dict = {"label_embeddings": label_embeddings}
     if train_targets is not None:
-        options["adjacency"] = label_adjacency(train_targets, config.get("gcn_tau", GCN_TAU),
-                                               config.get("gcn_p", GCN_P))
-        if source != "learned":
+        options["adjacency"] = label_adjacency(train_targets, tau, p)
+        if label_embeddings != "learned":
             if vocabulary is None:
                 raise HeadError("Text label embeddings need the vocabulary; pass it to head_options.")
-            options["embeddings"] = text_label_embeddings(vocabulary, source)
+            options["embeddings"] = text_label_embeddings(vocabulary, label_embeddings)
     return options

@@ -10,31 +10,21 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
-import time
-from dataclasses import asdict
-from pathlib import Path
 
 import torch
-from timm.optim import param_groups_weight_decay
 
-from augment import make_train_augmentation
-from checkpoint import (CSVLogger, check_compatible, json_config, load_checkpoint, load_config,
-                        make_run_dir, save_checkpoint, save_config, CHECKPOINT_VERSION)
-from dataset import DATASETS, DEFAULT_DATA, AnnotationDataset, load_dataset, make_loader, resolve_data_root
-from distributed import World, broadcast_object, cleanup, current_world, init_distributed, sum_across_ranks
-from engine import (BatchPreprocessor, EpochProgress, epoch_flips, evaluate, get_device,
-                    resolve_precision, train_one_epoch)
-from heads import GCN_P, GCN_TAU, HEADS, LABEL_EMBEDDINGS, head_options
-from image_cache import MODES as CACHE_MODES, build_cache
-from losses import LOSSES, create_loss
-from models import DEFAULT_MODEL, MODELS, STRIDE, count_trainable_parameters, create_model, normalisation
+from checkpoint import json_config
+from dataset import DATASETS, DEFAULT_DATA
+from distributed import cleanup, say
+from heads import GCN_P, GCN_TAU, HEADS, LABEL_EMBEDDINGS
+from image_cache import MODES as CACHE_MODES
+from losses import LOSSES
+from models import DEFAULT_MODEL, MODELS, STRIDE
+from report import compare_runs, evaluate_run, predict_paths
 from thresholds import THRESHOLD_METHODS
-from utils import UserError, seed_everything
-
-# Flags that may differ when a run is resumed; everything else comes from the run's config.json.
-RUNTIME_FLAGS = ("resume", "num_workers", "progress", "device", "save_dir", "cache")
+from trainer import RUNTIME_FLAGS, resume_config, train
+from utils import UserError
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -201,241 +191,26 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("Invalid arguments: " + "; ".join(problems) + ".")
 
 
-def _say(message: str) -> None:
-    """Print on rank 0 only (every process under torchrun runs this code)."""
-    if current_world().is_main:
-        print(message, flush=True)
-
-
-def build_training(config: dict, device: torch.device, num_classes: int, steps_per_epoch: int,
-                   train_targets: torch.Tensor | None = None, vocabulary: list[str] | None = None):
-    """Model, loss, optimiser, scheduler, EMA and scaler from a run configuration.
-
-    `train_targets` (N, C): the TRAINING split's targets, from which the gcn head's label graph is computed (never
-    validation or test); `vocabulary`: the label names, for text label embeddings.
-    """
-    seed_everything(config["seed"])
-    model = create_model(config["model"], num_classes, pretrained=config["pretrained"], weights=config["weights"],
-                         global_pooling=config["global_pooling"], head=config.get("head", "fc"),
-                         head_options=head_options(config, train_targets, vocabulary)).to(device)
-    criterion = create_loss(config["loss_function"], gamma_pos=config["gamma_pos"], gamma_neg=config["gamma_neg"],
-                            margin=config["margin"], reduction=config["loss_reduction"])
-    # Fused Adam where the device has it (one kernel for all parameters), else the multi-tensor path.
-    fused = device.type in ("cuda", "cpu")
-    weight_decay = config.get("weight_decay", 0.0)
-    # With weight decay, biases and norm weights (1-D) are left undecayed (timm's rule, as the ASL recipe).
-    parameters = param_groups_weight_decay(model, weight_decay) if weight_decay > 0 else model.parameters()
-    optimizer_class = torch.optim.AdamW if config.get("optimizer", "adam") == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(parameters, lr=config["learning_rate"], weight_decay=weight_decay, fused=fused)
-    total_steps = config["epochs"] * steps_per_epoch
-    # OneCycleLR needs more than one warm-up step (pct_start * total_steps > 1) and a step after it; only tiny
-    # smoke-test runs are that short, and they get the shortest valid warm-up instead of a division by zero.
-    pct_start = 0.2 if 0.2 * total_steps > 1 else min(1.5 / total_steps, 0.75)
-    if pct_start != 0.2:
-        _say(f"Note: {total_steps} optimiser steps are too few for a 20% warm-up; OneCycleLR warms up over "
-             f"{pct_start:.0%} of them.")
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["learning_rate"], total_steps=max(total_steps, 2),
-                                                    pct_start=pct_start)
-    ema = None
-    if config["ema"]:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config["ema_decay"]), use_buffers=True)
-    return model, criterion, optimizer, scheduler, ema
-
-
-def _resume_command(run_dir: Path) -> str:
-    return f"python main.py --resume {shlex.quote(str(run_dir))}"
-
-
-def distributed_model(model: torch.nn.Module, config: dict, world: World, device: torch.device) -> torch.nn.Module:
-    """The module the training loop calls: DDP-wrapped under torchrun, compiled with --compile."""
-    if world.world_size > 1:
-        if config["sync_bn"]:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(model) if config["compile"] else model
-
-
-def train(args: argparse.Namespace) -> Path:
-    """Train as configured; returns the run directory (with best.pth, last.pth, log.csv, config.json)."""
-    if args.resume:
-        run_dir = Path(args.resume)
-        saved = load_config(run_dir)
-        runtime = {k: getattr(args, k) for k in RUNTIME_FLAGS}
-        config = {**vars(get_args_parser().parse_args([])), **saved, **runtime}
-        last = load_checkpoint(run_dir / "last.pth")
-        _say(f"Resuming {run_dir} at epoch {last['epoch'] + 1}, batch {last['epoch_progress']['step'] + 1} "
-             f"with its saved configuration.")
-    else:
-        config = json_config(vars(args))
-        last = None
-    world, device = init_distributed(get_device(config["device"]))
-    precision = resolve_precision(config["amp"], config["channels_last"], device)
-    progress = config["progress"] and world.is_main
-    root = resolve_data_root(config["data"]) if world.is_main else None
-    # Rank 0 generates the demo data if needed; the others wait for it and then read the same folder.
-    root = resolve_data_root(str(broadcast_object(str(root)))) if world.world_size > 1 else root
-    data = load_dataset(root, config["augmentation"], config["val_size"], config["seed"], config["select_on_test"],
-                        config["skip_bad_images"])
-    for split in (data.train, data.val, data.test):
-        if split.skipped:
-            _say(f"Skipping {len(split.skipped)} missing images of {split.name} (--skip-bad-images): "
-                 f"{', '.join(split.skipped[:5])}{' ...' if len(split.skipped) > 5 else ''}")
-    if data.protocol == "study":
-        _say("Protocol: --select-on-test, the study's original protocol: the best epoch is chosen on the TEST set, "
-             "so test figures are optimistic.")
-
-    B, workers = config["batch_size"], config["num_workers"]
-    augmentation = make_train_augmentation(config)
-    cache_mode = config["cache"]
-    if config["skip_bad_images"] and cache_mode != "none":
-        _say("Note: --skip-bad-images decodes images every epoch (the decoded-image cache needs every image readable).")
-        cache_mode = "none"
-    cache_dir = Path(config["save_dir"]) / "cache"
-    train_cache = build_cache(data.train, config["image_size"], cache_mode, cache_dir, workers, progress)
-    val_cache = build_cache(data.val, config["image_size"], cache_mode, cache_dir, workers, progress)
-    train_set = AnnotationDataset(data.train, config["image_size"], config["skip_bad_images"], cache=train_cache,
-                                  transform=augmentation)
-    val_set = AnnotationDataset(data.val, config["image_size"], config["skip_bad_images"], cache=val_cache)
-    pin = device.type == "cuda"
-    shards = dict(num_replicas=world.world_size, rank=world.rank)
-    # Drop the last partial batch (a different few images each epoch, as the order is reshuffled): a batch of one
-    # image would break BatchNorm in training mode. Tiny runs with fewer images than a batch keep them.
-    drop_last = len(train_set) // world.world_size >= B
-    train_loader = make_loader(train_set, B, workers, shuffle=True, seed=config["seed"], pin_memory=pin,
-                               drop_last=drop_last, **shards)
-    val_loader = make_loader(val_set, B, workers, shuffle=False, pin_memory=pin, **shards)
-    steps_per_epoch = len(train_loader)
-
-    model, criterion, optimizer, scheduler, ema = build_training(config, device, len(data.vocabulary), steps_per_epoch,
-                                                                 train_targets=data.train.targets,
-                                                                 vocabulary=data.vocabulary)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    scaler = torch.amp.GradScaler(device.type) if precision.amp_dtype is torch.float16 else None
-    preprocess = BatchPreprocessor(*normalisation(model), device, precision)
-    forward_model = distributed_model(model, config, world, device)
-
-    start_epoch, state, best, best_epoch = 0, EpochProgress(), -1.0, 0
-    if last is not None:
-        check_compatible(last, config["model"], data.vocabulary, run_dir / "last.pth", config.get("head", "fc"))
-        model.load_state_dict(last["model"])
-        optimizer.load_state_dict(last["optimizer"])
-        scheduler.load_state_dict(last["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(last["ema"])
-        if scaler is not None and last.get("scaler"):
-            scaler.load_state_dict(last["scaler"])
-        torch.set_rng_state(last["rng"]["torch"])
-        if device.type == "cuda" and last["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(last["rng"]["cuda"], device)
-        start_epoch, state = last["epoch"], EpochProgress(**last["epoch_progress"])
-        best, best_epoch = last["best_metric"], last["best_epoch"]
-    else:
-        run_dir = None
-        if world.is_main:
-            run_dir = make_run_dir(config["save_dir"], config["model"], config["loss_function"], config["data"],
-                                   config["run_name"])
-            config["run_dir"] = str(run_dir)
-            config["world_size"] = world.world_size
-            save_config(run_dir, config)
-        run_dir = Path(broadcast_object(str(run_dir)))
-        config["run_dir"] = str(run_dir)
-        _say(f"Run directory: {run_dir}")
-    logger = CSVLogger(run_dir / "log.csv")
-    if world.is_main:
-        logger.truncate_after(start_epoch + 1)
-    _say(f"{config['model']} ({count_trainable_parameters(model):,} trainable parameters) + {config['loss_function']} "
-         f"on {device} ({'fp32' if precision.amp_dtype is None else precision.amp_dtype}, "
-         f"{'channels_last' if precision.channels_last else 'NCHW'}); splits {data.sizes()}")
-
-    def checkpoint(epoch: int, progress: EpochProgress, weights=None) -> dict:
-        return {"version": CHECKPOINT_VERSION, "model": weights if weights is not None else model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "ema": ema.state_dict() if ema is not None else None,
-                "epoch": epoch, "epoch_progress": asdict(progress), "best_metric": best, "best_epoch": best_epoch,
-                "config": config, "vocabulary": data.vocabulary, "thresholds": None,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-
-    for epoch in range(start_epoch, config["epochs"]):
-        train_loader.sampler.set_epoch(epoch, skip=state.step * B)
-        if augmentation is not None:
-            augmentation.set_epoch(epoch)  # before the loader's iterator copies the dataset into its workers
-        flips = epoch_flips(len(data.train), config["seed"], epoch) if config["flip"] else None
-        bad: list[int] = []
-        start = time.perf_counter()
-        try:
-            stats = train_one_epoch(forward_model, train_loader, criterion, optimizer, device, preprocess, epoch=epoch,
-                                    flips=flips, scheduler=scheduler, scaler=scaler, ema=ema, state=state,
-                                    progress=progress, bad_images=bad)
-        except KeyboardInterrupt:
-            if world.is_main:
-                save_checkpoint(run_dir / "last.pth", checkpoint(epoch, state))
-            _say(f"\nInterrupted at epoch {epoch + 1}, batch {state.step}; saved {run_dir / 'last.pth'}. "
-                 f"Resume with:\n  {_resume_command(run_dir)}")
-            raise SystemExit(130) from None
-        if bad:
-            names = [data.train.image_names[i] for i in bad]
-            _say(f"Epoch {epoch + 1}: skipped {len(bad)} unreadable training images: {', '.join(names[:5])}"
-                 f"{' ...' if len(names) > 5 else ''}")
-        if world.world_size > 1:
-            # Every rank saw its own shard: log the loss per image over all of them, and the total throughput.
-            loss_sum, seen, rate = sum_across_ranks(state.loss_sum, state.seen, stats["train/images_per_s"])
-            stats = {**stats, "train/loss": loss_sum / max(seen, 1), "train/images_per_s": rate}
-        row = {"epoch": epoch + 1, **stats}
-        row.update(evaluate(forward_model, val_loader, criterion, device, preprocess, progress=progress))
-        score, source = row["val/per_class/f1"], "model"
-        if ema is not None:
-            row.update(evaluate(ema.module, val_loader, criterion, device, preprocess, prefix="val_ema",
-                                progress=progress))
-            if row["val_ema/per_class/f1"] > score:
-                score, source = row["val_ema/per_class/f1"], "ema"
-        row["time_s"] = time.perf_counter() - start
-        state = EpochProgress()
-        if score > best:
-            best, best_epoch = score, epoch + 1
-            weights = ema.module.state_dict() if source == "ema" else model.state_dict()
-            best_ckpt = checkpoint(epoch + 1, state, weights)
-            best_ckpt["best_source"] = source
-            if world.is_main:
-                save_checkpoint(run_dir / "best.pth", best_ckpt)
-        if world.is_main:
-            save_checkpoint(run_dir / "last.pth", checkpoint(epoch + 1, state))
-            logger.log(row)
-        ema_note = f", EMA {row['val_ema/per_class/f1']:.3f}" if ema is not None else ""
-        _say(f"epoch {epoch + 1}/{config['epochs']}: train loss {row['train/loss']:.4f}, val loss "
-             f"{row['val/loss']:.4f}, val per-class F1@0.5 {row['val/per_class/f1']:.3f}{ema_note}, "
-             f"mAP {row['val/mAP']:.1f}, N+ {row['val/N+']}, {row['train/images_per_s']:.0f} img/s"
-             f"{'  *best*' if best_epoch == epoch + 1 else ''}")
-    _say(f"Best validation per-class F1 {best:.4f} at epoch {best_epoch}; checkpoints in {run_dir}. "
-         f"Evaluate with:\n  python main.py --evaluate --checkpoint {shlex.quote(str(run_dir))}")
-    return run_dir
+def config_defaults() -> dict:
+    """Every flag's default: what a run made before that flag existed did (checkpoint.load_config fills them in)."""
+    return vars(get_args_parser().parse_args([]))
 
 
 def main(args: argparse.Namespace):
-    """Dispatch on the mode flags; returns the run directory (training) or the results dict."""
+    """Validate, then dispatch on the mode flags; returns the run directory (training) or the mode's result."""
     validate_args(args)
-    if not (args.evaluate or args.predict or args.compare or args.resume):
-        # Training: fill the defaults that stay None for --checkpoint modes, without touching the caller's args.
-        args = argparse.Namespace(**{**vars(args), "model": args.model or DEFAULT_MODEL, "data": args.data or DEFAULT_DATA})
     if args.compare:
-        from report import compare_runs
-
         table = compare_runs(args.compare)
-        _say(table)
+        say(table)
         return table
     if args.predict:
-        from report import predict_paths
-
-        return predict_paths(args)
+        return predict_paths(args, config_defaults())
     if args.evaluate:
-        from report import evaluate_run
-
-        return evaluate_run(args)
-    return train(args)
+        return evaluate_run(args, config_defaults())
+    if args.resume:
+        return train(resume_config(args.resume, config_defaults(), {k: getattr(args, k) for k in RUNTIME_FLAGS}))
+    # Training: fill the defaults that stay None for --checkpoint modes, without touching the caller's args.
+    return train(json_config({**vars(args), "model": args.model or DEFAULT_MODEL, "data": args.data or DEFAULT_DATA}))
 
 
 def cli(argv=None) -> None:

@@ -21,16 +21,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from checkpoint import (CheckpointError, check_compatible, find_latest_run, load_checkpoint, load_config,
+from checkpoint import (CheckpointError, check_model, check_vocabulary, find_latest_run, load_checkpoint, load_config,
                         save_checkpoint)
-from dataset import (DEFAULT_DATA, AnnotationDataset, BadImageError, Split, load_dataset, make_loader,
-                     resolve_data_root)
-from distributed import init_distributed
-from engine import BatchPreprocessor, get_device, predict, resolve_precision
+from dataset import DEFAULT_DATA, BadImageError, Split
+from distributed import World, get_device, init_distributed
+from engine import BatchPreprocessor, predict, resolve_precision
 from metrics import compute_metrics, per_label_metrics
-from heads import head_options
-from models import DEFAULT_MODEL, create_model, normalisation
+from models import DEFAULT_MODEL, normalisation
 from thresholds import DEFAULT_GRID, fit_thresholds
+from trainer import eval_loader, load_data, model_from_config
 from utils import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -45,16 +44,13 @@ def _run_dir(args: argparse.Namespace) -> Path:
     return find_latest_run(args.save_dir, args.model or DEFAULT_MODEL, args.loss_function, args.data or DEFAULT_DATA)
 
 
-def load_run_model(args: argparse.Namespace, run_dir: Path, device: torch.device):
-    """(model in eval mode, best checkpoint, run config) with the model/vocabulary checks of checkpoint.py."""
-    config = load_config(run_dir)
+def load_run_model(run_dir: Path, wanted_model: str | None, defaults: dict, device: torch.device):
+    """(model in eval mode, best checkpoint, run config); `wanted_model` (--model, None = any) must be the run's."""
+    config = load_config(run_dir, defaults)
     ckpt = load_checkpoint(run_dir / "best.pth")
-    wanted = args.model or config["model"]
-    check_compatible(ckpt, wanted, ckpt["vocabulary"], run_dir / "best.pth", config.get("head", "fc"))
+    check_model(config["model"], wanted_model or config["model"], run_dir / "best.pth")
     # The head's label graph and text embeddings are placeholders here, filled from the checkpoint's state dict.
-    model = create_model(config["model"], len(ckpt["vocabulary"]), pretrained=False,
-                         global_pooling=config["global_pooling"], head=config.get("head", "fc"),
-                         head_options=head_options(config)).to(device)
+    model = model_from_config(config, len(ckpt["vocabulary"]), pretrained=False).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt, config
 
@@ -138,47 +134,50 @@ def predictions_figure(split: Split, probs: torch.Tensor, thresholds: torch.Tens
     return buffer.getvalue()
 
 
-def evaluate_run(args: argparse.Namespace) -> dict:
+def predict_split(model, split: Split, config: dict, args: argparse.Namespace, world: World,
+                  device: torch.device, preprocess: BatchPreprocessor) -> dict:
+    """{'probs', 'targets' (N, C), 'bad' (indices of unreadable images)} of `split`, rows in split order."""
+    loader = eval_loader(split, config["image_size"], args.batch_size, args.num_workers, world, device,
+                         args.skip_bad_images)
+    out = predict(model, loader, device, preprocess, desc=split.name, progress=args.progress and world.is_main)
+    return {"probs": out["probs"], "targets": out["targets"], "bad": out["bad"]}
+
+
+def run_metadata(run_dir: Path, config: dict, ckpt: dict, data, args: argparse.Namespace, threshold_split: str,
+                 grid: torch.Tensor) -> dict:
+    """What results.json says about the run and the thresholding (results["run"])."""
+    return {"run_dir": str(run_dir), "model": config["model"], "loss_function": config["loss_function"],
+            "data": config["data"], "image_size": config["image_size"], "epochs": config["epochs"],
+            "seed": config["seed"], "split_sizes": data.sizes(), "protocol": data.protocol,
+            "threshold_split": threshold_split, "threshold_method": args.threshold_method,
+            "threshold_fallback": args.threshold_fallback, "threshold_grid": [round(float(g), 6) for g in grid],
+            "best_epoch": ckpt["best_epoch"], "best_source": ckpt["best_source"], "head": config["head"]}
+
+
+def evaluate_run(args: argparse.Namespace, defaults: dict) -> dict:
     """Fit thresholds on the threshold split, evaluate the test set, write the four report files; returns results."""
     run_dir = _run_dir(args)
     world, device = init_distributed(get_device(args.device))
-    model, ckpt, config = load_run_model(args, run_dir, device)
-    root = resolve_data_root(config["data"] if args.data is None else args.data)
-    data = load_dataset(root, config["augmentation"], config["val_size"], config["seed"], config["select_on_test"],
-                        args.skip_bad_images or config["skip_bad_images"])
-    check_compatible(ckpt, config["model"], data.vocabulary, run_dir / "best.pth", config.get("head", "fc"))
-    precision = resolve_precision(args.amp, args.channels_last, device)
-    preprocess = BatchPreprocessor(*normalisation(model), device, precision)
+    model, ckpt, config = load_run_model(run_dir, args.model, defaults, device)
+    data = load_data(config["data"] if args.data is None else args.data, config,
+                     args.skip_bad_images or config["skip_bad_images"], world)
+    check_vocabulary(ckpt["vocabulary"], data.vocabulary, run_dir / "best.pth")
+    preprocess = BatchPreprocessor(*normalisation(model), device,
+                                   resolve_precision(args.amp, args.channels_last, device))
     threshold_split = args.threshold_split or ("train" if data.protocol == "study" else "val")
-    fit_split = data.train if threshold_split == "train" else data.val
-
-    def run_on(split: Split) -> dict:
-        loader = make_loader(AnnotationDataset(split, config["image_size"], args.skip_bad_images), args.batch_size,
-                             args.num_workers, shuffle=False, pin_memory=device.type == "cuda",
-                             num_replicas=world.world_size, rank=world.rank)
-        out = predict(model, loader, device, preprocess, desc=split.name, progress=args.progress and world.is_main)
-        return {"probs": out["probs"], "targets": out["targets"], "bad": out["bad"]}  # rows in split order
-
-    fitted = run_on(fit_split)
+    fitted = predict_split(model, data.train if threshold_split == "train" else data.val, config, args, world, device,
+                           preprocess)
     grid = torch.tensor(args.threshold_grid, dtype=torch.float64) if args.threshold_grid else DEFAULT_GRID
     thresholds = fit_thresholds(args.threshold_method, fitted["targets"], fitted["probs"], grid=grid,
                                 fallback=args.threshold_fallback).float()  # (C,)
-    test = run_on(data.test)
+    test = predict_split(model, data.test, config, args, world, device, preprocess)
     if len(test["bad"]) and world.is_main:
         print(f"Skipped {len(test['bad'])} unreadable test images; the figures cover the remaining "
               f"{len(test['probs'])}.", flush=True)
-    results = {
-        "default": compute_metrics(test["targets"], test["probs"], 0.5),
-        "mcc": compute_metrics(test["targets"], test["probs"], thresholds),
-        "thresholds": {label: round(float(t), 6) for label, t in zip(data.vocabulary, thresholds)},
-        "run": {"run_dir": str(run_dir), "model": config["model"], "loss_function": config["loss_function"],
-                "data": config["data"], "image_size": config["image_size"], "epochs": config["epochs"],
-                "seed": config["seed"], "split_sizes": data.sizes(), "protocol": data.protocol,
-                "threshold_split": threshold_split, "threshold_method": args.threshold_method,
-                "threshold_fallback": args.threshold_fallback, "threshold_grid": [round(float(g), 6) for g in grid],
-                "best_epoch": ckpt["best_epoch"], "best_source": ckpt.get("best_source", "model"),
-                "head": config.get("head", "fc")},
-    }
+    results = {"default": compute_metrics(test["targets"], test["probs"], 0.5),
+               "mcc": compute_metrics(test["targets"], test["probs"], thresholds),
+               "thresholds": {label: round(float(t), 6) for label, t in zip(data.vocabulary, thresholds)},
+               "run": run_metadata(run_dir, config, ckpt, data, args, threshold_split, grid)}
     if not world.is_main:
         return results
     write_report(run_dir, results, data, test, thresholds)
@@ -220,36 +219,15 @@ def _image_files(path: Path) -> list[Path]:
     raise UserError(f"--predict path '{path}' does not exist; give an image file or a folder of images.")
 
 
-def predict_paths(args: argparse.Namespace) -> list[dict]:
-    """Annotate an image or a folder with a run's best checkpoint and its stored thresholds.
+def annotate(probs: torch.Tensor, thresholds: torch.Tensor, vocabulary: list[str]) -> list[dict]:
+    """Labels of one image (C,) scores: those at or above their threshold, highest score first."""
+    chosen = (probs >= thresholds).nonzero().flatten().tolist()
+    chosen.sort(key=lambda j: -float(probs[j]))
+    return [{"label": vocabulary[j], "score": round(float(probs[j]), 4)} for j in chosen]
 
-    Prints `image  label:score ...` per image and writes <output>.csv and <output>.json.
-    """
-    files = _image_files(Path(args.predict))
-    run_dir = _run_dir(args)
-    device = get_device(args.device)
-    model, ckpt, config = load_run_model(args, run_dir, device)
-    vocabulary = ckpt["vocabulary"]
-    thresholds = ckpt.get("thresholds")
-    if thresholds is None:
-        print(f"Note: {run_dir} has no fitted thresholds yet (run --evaluate first); using 0.5 for every label.",
-              flush=True)
-        thresholds = torch.full((len(vocabulary),), 0.5)
-    split = Split("predict", [str(f) for f in files], files, torch.zeros(len(files), len(vocabulary)))
-    loader = make_loader(AnnotationDataset(split, config["image_size"], args.skip_bad_images), args.batch_size,
-                         args.num_workers, shuffle=False)
-    preprocess = BatchPreprocessor(*normalisation(model), device, resolve_precision(args.amp, args.channels_last, device))
-    out = predict(model, loader, device, preprocess, desc="predict", progress=args.progress)
-    rows = []
-    for index, probs in zip(out["indices"].tolist(), out["probs"]):
-        chosen = (probs >= thresholds).nonzero().flatten().tolist()
-        chosen.sort(key=lambda j: -float(probs[j]))
-        labels = [{"label": vocabulary[j], "score": round(float(probs[j]), 4)} for j in chosen]
-        rows.append({"image": str(files[index]), "labels": labels})
-        print(f"{files[index]}  " + " ".join(f"{x['label']}:{x['score']:.3f}" for x in labels), flush=True)
-    for index in out["bad"].tolist():
-        print(f"{files[index]}  (unreadable, skipped)", flush=True)
-    prefix = Path(args.output) if args.output else run_dir / "predictions"
+
+def write_predictions(prefix: Path, rows: list[dict]) -> None:
+    """<prefix>.json (the rows) and <prefix>.csv (image, labels, scores), each written atomically."""
     atomic_write_json(prefix.with_suffix(".json"), rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -259,6 +237,34 @@ def predict_paths(args: argparse.Namespace) -> list[dict]:
                          " ".join(f"{x['score']:.4f}" for x in row["labels"])])
     atomic_write_text(prefix.with_suffix(".csv"), buffer.getvalue())
     print(f"Wrote {prefix.with_suffix('.csv')} and {prefix.with_suffix('.json')}", flush=True)
+
+
+def predict_paths(args: argparse.Namespace, defaults: dict) -> list[dict]:
+    """Annotate an image or a folder with a run's best checkpoint and its stored thresholds.
+
+    Prints `image  label:score ...` per image and writes <output>.csv and <output>.json.
+    """
+    files = _image_files(Path(args.predict))
+    run_dir = _run_dir(args)
+    device = get_device(args.device)
+    model, ckpt, config = load_run_model(run_dir, args.model, defaults, device)
+    vocabulary, thresholds = ckpt["vocabulary"], ckpt["thresholds"]
+    if thresholds is None:
+        print(f"Note: {run_dir} has no fitted thresholds yet (run --evaluate first); using 0.5 for every label.",
+              flush=True)
+        thresholds = torch.full((len(vocabulary),), 0.5)
+    split = Split("predict", [str(f) for f in files], files, torch.zeros(len(files), len(vocabulary)))
+    preprocess = BatchPreprocessor(*normalisation(model), device, resolve_precision(args.amp, args.channels_last, device))
+    loader = eval_loader(split, config["image_size"], args.batch_size, args.num_workers, World(), device,
+                         args.skip_bad_images)
+    out = predict(model, loader, device, preprocess, desc="predict", progress=args.progress)
+    rows = []
+    for index, probs in zip(out["indices"].tolist(), out["probs"]):
+        rows.append({"image": str(files[index]), "labels": annotate(probs, thresholds, vocabulary)})
+        print(f"{files[index]}  " + " ".join(f"{x['label']}:{x['score']:.3f}" for x in rows[-1]["labels"]), flush=True)
+    for index in out["bad"].tolist():
+        print(f"{files[index]}  (unreadable, skipped)", flush=True)
+    write_predictions(Path(args.output) if args.output else run_dir / "predictions", rows)
     return rows
 
 

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import DatasetError, read_annotations, resolve_data_root
-from engine import get_device
+from distributed import get_device
 from utils import UserError
 
 from .files import AUG_DIR, AUG_JSON, finished_images, load_real_image, save_outputs, write_train_aug

@@ -9,7 +9,7 @@ What runs, per configuration (fp32 NCHW; the project's defaults on CUDA = bf16 a
 1. stand-in JPEGs of Corel size (192x128 / 128x192) are generated in a temporary folder and decoded once into the
    uint8 cache (image_cache.build_cache, memory mode);
 2. `epochs` epochs of engine.train_one_epoch over dataset.make_loader(AnnotationDataset(cache=...), pin_memory),
-   with main.build_training (fused Adam) and engine.BatchPreprocessor on the GPU. The first epoch is warm-up
+   with trainer.build_training (fused Adam) and engine.BatchPreprocessor on the GPU. The first epoch is warm-up
    (cuDNN autotuning, allocator, compilation); images/s is the median over the later epochs, loader included;
 3. the same step on batches already on the GPU (no loader) to tell loader cost from compute.
 
@@ -43,8 +43,9 @@ import torch  # noqa: E402
 from dataset import AnnotationDataset, Split, make_loader  # noqa: E402
 from engine import BatchPreprocessor, epoch_flips, resolve_precision, train_one_epoch  # noqa: E402
 from image_cache import build_cache  # noqa: E402
-from main import build_training, get_args_parser  # noqa: E402
+from bench_config import training_config  # noqa: E402
 from models import normalisation  # noqa: E402
+from trainer import build_training  # noqa: E402
 from utils import atomic_write_json  # noqa: E402
 
 GOAL_IMAGES_PER_S = 1500
@@ -82,9 +83,7 @@ def run_configuration(label: str, amp: str, channels_last: str, compile_model: b
         # The previous configuration's tensors were freed when its call returned; give their memory back.
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    config = vars(get_args_parser().parse_args([]))
-    config.update(model=args.model, pretrained=False, weights=None, epochs=args.epochs, data="bench",
-                  batch_size=args.batch_size)
+    config = training_config(args.model, epochs=args.epochs, batch_size=args.batch_size)
     loader = make_loader(AnnotationDataset(split, args.image_size, cache=cache), args.batch_size, args.workers,
                          shuffle=True, drop_last=True, pin_memory=device.type == "cuda")
     model, criterion, optimizer, scheduler, _ = build_training(config, device, NUM_LABELS, len(loader) + 8)

@@ -13,7 +13,7 @@ What is measured (all on the CPU of this machine; see bench/gpu.py for the GPU):
   build is reported separately, and so are the project's uint8 path without the cache and the cache with 0 workers.
 * train-step and eval images/s (batch 8) for TinyResNet and ResNet18 at 224 px and TResNet at 128 px: reference
   fp32 NCHW (plain Adam, input normalised beforehand) against engine.train_one_epoch / engine.predict with main.py's
-  default flags (main.build_training: fused Adam; uint8 input flipped and normalised inside the step), with bf16
+  default flags (trainer.build_training: fused Adam; uint8 input flipped and normalised inside the step), with bf16
   autocast, with channels_last and with both.
 * LSEP forward + backward at 32 x 260: losses.LSEPLoss against a per-image loop over the pairwise matrix, with the
   largest tensor each one creates (recorded by a dispatch mode that sees every op, backward included).
@@ -88,11 +88,12 @@ from dataset import AnnotationDataset, Split, make_loader  # noqa: E402
 from engine import BatchPreprocessor, Precision, epoch_flips, predict, resolve_precision, train_one_epoch  # noqa: E402
 from image_cache import build_cache  # noqa: E402
 from losses import LSEPLoss, create_loss  # noqa: E402
-from main import build_training, get_args_parser  # noqa: E402
+from bench_config import training_config  # noqa: E402
 from models import create_model, normalisation  # noqa: E402
 from reference import (ReferenceImageDataset, lsep_loop, mcc_scores_sklearn, mcc_thresholds_sklearn,  # noqa: E402
                        reference_loader, reference_predict, reference_train_step)
 from thresholds import DEFAULT_GRID, mcc_scores, mcc_thresholds  # noqa: E402
+from trainer import build_training  # noqa: E402
 from utils import atomic_write_json  # noqa: E402
 
 NUM_LABELS = 260  # Corel-5k's vocabulary
@@ -245,13 +246,6 @@ def bench_loader(settings: Settings, workers: int, folder: Path) -> dict:
 
 # ---------------------------------------------------------------- train and eval steps
 
-def training_config(model: str) -> dict:
-    """main.py's defaults (every flag as a user gets it), for `model` from scratch, with a schedule long enough."""
-    config = vars(get_args_parser().parse_args([]))
-    config.update(model=model, pretrained=False, weights=None, epochs=1, data="bench")
-    return config
-
-
 def bench_model(name: str, size: int, settings: Settings) -> tuple[Measurement, Measurement]:
     cpu = torch.device("cpu")
     batch, steps = settings.train_batch, settings.train_steps
@@ -316,7 +310,7 @@ def bench_model(name: str, size: int, settings: Settings) -> tuple[Measurement, 
              "default flags resolve to": _describe(precisions["default flags"]),
              "reference": "fp32 NCHW, torch.optim.Adam (defaults), float input normalised beforehand",
              "project": "engine.train_one_epoch on collated uint8 batches (normalised and flipped inside the timed step) "
-                        "and engine.predict over make_loader (uint8 cache, 0 workers), main.build_training (fused Adam)"}
+                        "and engine.predict over make_loader (uint8 cache, 0 workers), trainer.build_training (fused Adam)"}
     train = interleaved(Measurement(f"train_{name}_{size}", "images/s", work, notes=notes), train_variants,
                         settings.repeats)
     for variant in eval_variants.values():

