@@ -21,7 +21,7 @@ import torch
 
 from utils import UserError, atomic_torch_save, atomic_write_json, atomic_write_text
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: + "normalisation" (the inputs' mean/std); version 1 files are upgraded on load
 
 
 class CheckpointError(UserError, ValueError):
@@ -96,8 +96,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"Checkpoint '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
                               f"it may be truncated or not a checkpoint of this project.") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("version") != CHECKPOINT_VERSION:
+    if not isinstance(checkpoint, dict) or checkpoint.get("version") not in (1, CHECKPOINT_VERSION):
         raise CheckpointError(f"'{path}' is not a checkpoint of this project (version {CHECKPOINT_VERSION}).")
+    if checkpoint["version"] == 1:
+        # Version 1 runs normalised with the backbone's own mean/std (None says so) and predicted with p >= t.
+        checkpoint = {**checkpoint, "version": CHECKPOINT_VERSION, "normalisation": None, "threshold_compare": "ge"}
     return checkpoint
 
 
@@ -119,18 +122,19 @@ def check_vocabulary(saved: list[str], vocabulary: list[str], source: str | Path
 
 def training_state(model: torch.nn.Module, optimizer, scheduler, *, scaler, ema, epoch: int,
                    epoch_progress: dict, best_metric: float, best_epoch: int, config: dict, vocabulary: list[str],
-                   device: torch.device, weights: dict | None = None, best_source: str | None = None) -> dict:
+                   device: torch.device, normalisation: dict | None = None, weights: dict | None = None,
+                   best_source: str | None = None) -> dict:
     """Everything a run needs to continue bit-identically: weights (`weights`, else the model's), optimiser,
     scheduler, AMP scaler, EMA, where training stands (`epoch` to run next, `epoch_progress` inside it), the best
-    validation score so far, the configuration, the vocabulary and the RNG state. best.pth names its `best_source`
-    ("model" or "ema")."""
+    validation score so far, the configuration, the vocabulary, the inputs' `normalisation` ({"mean", "std"};
+    None = the backbone's) and the RNG state. best.pth names its `best_source` ("model" or "ema")."""
     return {"version": CHECKPOINT_VERSION, "model": weights if weights is not None else model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "ema": ema.state_dict() if ema is not None else None,
             "epoch": epoch, "epoch_progress": dict(epoch_progress), "best_metric": best_metric,
             "best_epoch": best_epoch, "best_source": best_source, "config": config, "vocabulary": list(vocabulary),
-            "thresholds": None,
+            "normalisation": normalisation, "thresholds": None, "threshold_compare": None,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 

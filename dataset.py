@@ -39,6 +39,10 @@ DATASETS = {"Corel-5k": REPO_DIR / "Corel-5k", "ESP-Game": REPO_DIR / "ESP-Game"
 DEFAULT_DATA = "Corel-5k"  # the CLI's default --data
 DEMO_ROOT = REPO_DIR / "data" / "demo"
 IMAGE_DIRS = ("images", "aug-images")
+# The study's normalisation (its dataset.py get_mean_std): Corel-5k's 4,500 training images, and the 18,000 with the
+# ML-WGAN-GP copies (--augmentation); (mean, std) per RGB channel on the [0, 1] scale.
+COREL5K_STATISTICS = {False: ((0.3928, 0.4079, 0.3531), (0.2559, 0.2436, 0.2544)),
+                      True: ((0.4249, 0.4365, 0.3926), (0.1955, 0.1830, 0.1987))}
 # A GAN copy is named <original stem><suffix>.<ext>; the longest suffixes first so that "_aug" matches last.
 AUG_SUFFIX = re.compile(r"(_aug_hor_flip|_aug_rot_90|_aug)$")
 FIRST_FEW = 5
@@ -168,6 +172,9 @@ class DatasetSplits:
     protocol: str  # "holdout" (validation held out of train.json) or "study" (selection on the test set)
 
     def sizes(self) -> dict[str, int]:
+        """Images per split; under the study's protocol there is no validation split (the test set selects)."""
+        if self.protocol == "study":
+            return {"train": len(self.train), "test": len(self.test)}
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
@@ -207,11 +214,13 @@ def original_name(image_name: str) -> str:
 
 
 def load_dataset(root: Path, augmentation: bool = False, val_size: int = 500, seed: int = 0,
-                 select_on_test: bool = False, skip_missing: bool = False) -> DatasetSplits:
+                 select_on_test: bool = False, skip_missing: bool = False, shuffle_once: bool = False) -> DatasetSplits:
     """Read train/test (and train_aug with `augmentation`) under `root` and build train/val/test splits.
 
     With `select_on_test` the study's protocol is used: no validation split, the test set serves for model
     selection. Otherwise `val_size` images of train.json (a seeded permutation) are held out as validation.
+    `shuffle_once` permutes the final training split (GAN copies included) as the study's dataset does,
+    `sklearn.utils.shuffle(samples, random_state=0)`.
     """
     _, vocabulary = read_annotations(root / "train.json")
     train = _make_split(root, "train.json", vocabulary, skip_missing, "train")
@@ -236,6 +245,12 @@ def load_dataset(root: Path, augmentation: bool = False, val_size: int = 500, se
         skipped = train.skipped + aug.skipped
         train = Split("train", train.image_names + aug_kept.image_names, train.paths + aug_kept.paths,
                       torch.cat([train.targets, aug_kept.targets]), skipped)
+    if shuffle_once:
+        from sklearn.utils import shuffle  # the study's own call, so the permutation is the study's
+
+        skipped = train.skipped
+        train = train.subset(shuffle(np.arange(len(train)), random_state=0).tolist(), "train")
+        train.skipped = skipped
     return DatasetSplits(root, vocabulary, train, val, test, protocol)
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from distributed import gather_predictions
+from losses import reduction_factor
 from metrics import compute_metrics
 from utils import UserError
 
@@ -55,10 +56,11 @@ def resolve_precision(amp: str, channels_last: str, device: torch.device) -> Pre
 
 
 class BatchPreprocessor:
-    """uint8 (B, 3, S, S) on any device -> normalised float (B, 3, S, S) on `device`, optionally h-flipped.
+    """uint8 (B, 3, S, S) on any device -> normalised float (B, 3, S, S) on `device`, optionally flipped.
 
-    Flips are given per batch as a bool mask (see `epoch_flips`), so they depend only on (seed, epoch, image)
-    and not on batch order, worker count, device or where an interrupted run resumed.
+    Flips are given per batch as a bool mask (see `epoch_flips`): (B, 2) = (horizontal, vertical) per image, or
+    (B,) horizontal only. They depend only on (seed, epoch, image), not on batch order, worker count, device or
+    where an interrupted run resumed.
     """
 
     def __init__(self, mean, std, device: torch.device, precision: Precision = Precision()):
@@ -70,17 +72,24 @@ class BatchPreprocessor:
     def __call__(self, images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True).float()  # (B, 3, S, S) in [0, 255]
         if flip is not None:
-            x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
+            flip = flip.to(self.device).view(x.shape[0], -1)  # (B, 1) or (B, 2)
+            x = torch.where(flip[:, 0].view(-1, 1, 1, 1), x.flip(3), x)  # horizontal: reverse the columns
+            if flip.shape[1] > 1 and bool(flip[:, 1].any()):
+                x = torch.where(flip[:, 1].view(-1, 1, 1, 1), x.flip(2), x)  # vertical: reverse the rows
         x = (x - self.mean) / self.std
         if self.precision.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
 
-def epoch_flips(num_images: int, seed: int, epoch: int) -> torch.Tensor:
-    """Horizontal-flip decision of every training image in `epoch`: bool (N,), p = 0.5, from (seed, epoch) alone."""
+def epoch_flips(num_images: int, seed: int, epoch: int, horizontal: bool = True,
+                vertical: bool = False) -> torch.Tensor:
+    """Flip decisions of every training image in `epoch`: bool (N, 2) = (horizontal, vertical), each p = 0.5 when
+    enabled (all False otherwise), from (seed, epoch) alone; the two columns are independent draws."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.rand(num_images, generator=generator) < 0.5
+    h = torch.rand(num_images, generator=generator) < 0.5  # the first draw: the horizontal flips
+    v = torch.rand(num_images, generator=generator) < 0.5
+    return torch.stack([h & horizontal, v & vertical], dim=1)  # (N, 2)
 
 
 @dataclass
@@ -116,7 +125,6 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     """
     model.train()
     state = state if state is not None else EpochProgress()
-    reduction_sum = getattr(criterion, "reduction", "sum") == "sum"
     start, seen_before = time.perf_counter(), state.seen
     bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, disable=not progress, dynamic_ncols=True,
                initial=state.step, total=state.step + len(loader))
@@ -145,7 +153,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
             if ema is not None:
                 ema.update_parameters(model)
             # Accumulate the batch's summed loss, whatever the reduction, to report a per-image mean.
-            state.loss_sum += loss.item() * (1 if reduction_sum else images.shape[0])
+            state.loss_sum += loss.item() * reduction_factor(criterion.reduction, *targets.shape)
             state.seen += images.shape[0]
             bar.set_postfix(loss=f"{state.loss_sum / state.seen:.4f}")
         # The schedule advances once per batch even for an all-bad batch, so its length stays as planned.
@@ -160,12 +168,13 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, device: torch.device, preprocess: BatchPreprocessor, *,
-            desc: str = "predict", progress: bool = True) -> dict[str, torch.Tensor]:
+            desc: str = "predict", progress: bool = True, flips: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Run `model` over `loader`; returns {'logits': (N, C), 'probs': (N, C), 'targets': (N, C), 'indices': (N,)} on CPU, float32.
 
     Rows are in dataset-index order, one per sample; under torchrun every rank's rows are gathered (each rank
     then holds all of them) and the sampler's padding is removed. Unreadable images (skipped by the loader) are
-    left out and listed in 'bad' (N_bad,).
+    left out and listed in 'bad' (N_bad,). `flips` (N, 2), indexed by dataset index, flips the images as in
+    training (the study fits its thresholds on training images through the training transform).
     """
     model.eval()
     logits, targets, indices, bad = [], [], [], []
@@ -175,7 +184,7 @@ def predict(model: nn.Module, loader, device: torch.device, preprocess: BatchPre
         if images.shape[0] == 0:
             continue
         with preprocess.precision.autocast(device):
-            out = model(preprocess(images))
+            out = model(preprocess(images, flips[index] if flips is not None else None))
         logits.append(out.float().cpu())
         targets.append(target.float())
         indices.append(index)
@@ -192,15 +201,18 @@ def predict(model: nn.Module, loader, device: torch.device, preprocess: BatchPre
 
 
 def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.device, preprocess: BatchPreprocessor, *,
-             thresholds: float | torch.Tensor = 0.5, prefix: str = "val", progress: bool = True) -> dict[str, float]:
-    """Loss per image and the metrics of metrics.compute_metrics on `loader`, keys prefixed with `prefix/`."""
+             thresholds: float | torch.Tensor = 0.5, prefix: str = "val", progress: bool = True,
+             strict: bool = False, epsilon: float = 0.0) -> dict[str, float]:
+    """Loss per image and the metrics of metrics.compute_metrics (`strict`, `epsilon` as there) on `loader`, keys
+    prefixed with `prefix/`."""
     start = time.perf_counter()
     out = predict(model, loader, device, preprocess, desc=prefix, progress=progress)
     n = out["targets"].shape[0]
     loss = criterion(out["logits"], out["targets"]).item()
     # Report the loss per image whatever the criterion's reduction, so runs with other batch sizes compare.
-    per_image = loss / n if getattr(criterion, "reduction", "sum") == "sum" else loss
+    per_image = loss * reduction_factor(criterion.reduction, *out["targets"].shape) / n
     result = {f"{prefix}/loss": per_image if math.isfinite(per_image) else float("nan")}
-    result.update({f"{prefix}/{k}": v for k, v in compute_metrics(out["targets"], out["probs"], thresholds).items()})
+    metrics = compute_metrics(out["targets"], out["probs"], thresholds, strict=strict, epsilon=epsilon)
+    result.update({f"{prefix}/{k}": v for k, v in metrics.items()})
     result[f"{prefix}/images_per_s"] = n / max(time.perf_counter() - start, 1e-9)
     return result

@@ -19,6 +19,7 @@ Two places for the array:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import AnnotationDataset, BadImageError, Split, load_image, split_fingerprint
-from utils import UserError
+from utils import UserError, atomic_write_json
 
 MODES = ("auto", "memory", "disk", "none")
 # Bump when the layout of the cached array changes: old files then get a new key and are never read.
@@ -207,3 +208,45 @@ def build_cache(split: Split, image_size: int, mode: str = "auto", cache_dir: st
         _build_disk_cache(path, split, image_size, num_workers, progress)
     return _load_disk_cache(path, shape)
 
+
+
+def _pixel_batches(split: Split, image_size: int, cache: np.ndarray | None, num_workers: int, progress: bool):
+    """uint8 (b, 3, S, S) batches of every readable image of `split`: slices of `cache`, else decoded."""
+    if cache is not None:
+        for start in tqdm(range(0, len(split), DECODE_BATCH), desc=f"statistics of {split.name}", disable=not progress,
+                          leave=False, dynamic_ncols=True):
+            yield np.asarray(cache[start:start + DECODE_BATCH])
+        return
+    loader = DataLoader(AnnotationDataset(split, image_size, skip_bad_images=True), batch_size=DECODE_BATCH,
+                        shuffle=False, num_workers=num_workers)
+    for images, _, _, ok in tqdm(loader, desc=f"statistics of {split.name}", disable=not progress, leave=False,
+                                 dynamic_ncols=True):
+        yield images[ok].numpy()
+
+
+def channel_statistics(split: Split, image_size: int, cache: np.ndarray | None = None, num_workers: int = 0,
+                       cache_dir: str | os.PathLike | None = None, progress: bool = False) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) of the split's pixels on the [0, 1] scale, after the resize to S x S.
+
+    Population statistics over every pixel n of every readable image: mean_k = sum x / n, std_k = sqrt(sum x^2 / n -
+    mean_k^2), accumulated in float64 (the study averaged per-batch means of 224 px images instead). With
+    `cache_dir` the result is kept in <cache_dir>/stats-<cache_key>.json and reused while the split is unchanged.
+    """
+    path = Path(cache_dir) / f"stats-{cache_key(split, image_size)}.json" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        return saved["mean"], saved["std"]
+    total, squares, count = np.zeros(3), np.zeros(3), 0
+    for batch in _pixel_batches(split, image_size, cache, num_workers, progress):
+        x = batch.astype(np.float64) / 255.0  # (b, 3, S, S)
+        total += x.sum(axis=(0, 2, 3))
+        squares += np.square(x).sum(axis=(0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    if count == 0:
+        raise CacheError(f"Split '{split.name}' has no readable image to compute normalisation statistics from.")
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    result = ([round(float(v), 6) for v in mean], [round(float(v), 6) for v in std])
+    if path is not None:
+        atomic_write_json(path, {"mean": result[0], "std": result[1], "images": len(split), "image_size": image_size})
+    return result

@@ -4,12 +4,19 @@ Every loss is a stateless ``nn.Module`` whose ``forward(logits, targets)`` retur
 scalar.  Notation: ``x`` = logits, ``p = sigmoid(x)``, ``y`` in {0, 1} the targets,
 sums run over all images ``i`` and labels ``c``.
 
-Reductions (all losses):
+Reductions (all losses), with ``L_i`` the per-image sum over the C labels:
 
-* ``"sum"`` (default): ``L = sum_i L_i`` - the study and the ASL reference
-  implementation sum over every image and label.
-* ``"mean"``: ``L = (1 / B) sum_i L_i`` - the sum divided by the batch size, i.e. the
-  mean over images of the per-image sum (NOT the mean over the B * C entries).
+* ``"sum"`` (default): ``L = sum_i L_i`` - the sum over every image and label, as the
+  ASL reference implementation. NOT the study's (see below).
+* ``"mean"``: ``L = (1 / B) sum_i L_i`` - the mean over images of the per-image sum;
+  the study's LSEP (``loss / targets.size(0)``).
+* ``"mean-all"``: ``L = (1 / (B C)) sum_i L_i`` - the mean over all B * C entries; the
+  study's BCE (``nn.MultiLabelSoftMarginLoss``), focal and ASL (``-loss.mean()``).
+
+Two more of the study's choices are options of the focal and ASL losses: ``eps`` (the study
+takes ``log(clamp(p, 1e-8))``, so a positive with a logit below -18.4 costs a flat 18.42
+with zero gradient through the log; 0 = the exact log-sigmoid) and ``detach_focusing``
+(the study does NOT detach the focusing weights; ASL's reference implementation does).
 
 All computations run on ``logits.float()`` / ``targets.float()``, so bf16/fp16 logits
 from autocast are safe and the loss is float32.
@@ -39,9 +46,15 @@ __all__ = [
     "LOSSES",
     "LOSS_DEFAULTS",
     "create_loss",
+    "reduction_factor",
 ]
 
-REDUCTIONS: Tuple[str, ...] = ("sum", "mean")
+REDUCTIONS: Tuple[str, ...] = ("sum", "mean", "mean-all")
+
+
+def reduction_factor(reduction: str, batch: int, labels: int) -> int:
+    """f such that the sum over images and labels = f * the loss reduced by `reduction` (1, B or B * C)."""
+    return {"sum": 1, "mean": batch, "mean-all": batch * labels}[reduction]
 
 
 
@@ -54,6 +67,15 @@ def _check_non_negative(name: str, value: Any, owner: str) -> float:
     return float(value)
 
 
+def _check_eps(value: Any, owner: str) -> float:
+    """The log clamp: 0 (exact log-sigmoid) or a small positive number such as the study's 1e-8."""
+    value = _check_non_negative("eps", value, owner)
+    if value >= 0.5:
+        raise ValueError(f"{owner}: eps clamps probabilities before the log and must be below 0.5, got {value!r}; "
+                         "the study uses 1e-8, and 0 gives the exact log-sigmoid.")
+    return value
+
+
 def _focal_terms(
     x: Tensor,
     y: Tensor,
@@ -61,33 +83,43 @@ def _focal_terms(
     gamma_neg: float,
     margin: float,
     detach_focusing: bool,
+    eps: float = 0.0,
 ) -> Tensor:
     """Element-wise asymmetric focal loss, shape (B, C).
 
     ``l = -[ y (1-p)^{g+} log p + (1-y) p_m^{g-} log(1-p_m) ]`` with
-    ``p_m = max(p - m, 0)``.  ``log p = logsigmoid(x)``; for the negatives
+    ``p_m = max(p - m, 0)``.  With ``eps = 0``: ``log p = logsigmoid(x)``; for the negatives
     ``log(1-p_m) = log(min(sigmoid(-x) + m, 1))`` (``= logsigmoid(-x)`` when m = 0, which is
-    also exact where sigmoid(-x) underflows).  ``0^0 = 1``: a zero exponent gives the plain
+    also exact where sigmoid(-x) underflows).  With ``eps > 0`` (the study's code, eps = 1e-8):
+    ``log(max(p, eps))`` and ``log(max(1 - p_m, eps))`` from ``p = sigmoid(x)``, so the log saturates
+    at log(eps) and its gradient is 0 there.  ``0^0 = 1``: a zero exponent gives the plain
     BCE term (and its weight is skipped, which also avoids pow's 0 * inf gradient at p = 1).
     With ``detach_focusing`` the weights ``(1-p)^{g+}``, ``p_m^{g-}`` are constants for
     autograd (ASL reference behaviour), done locally with ``.detach()``.
     """
-    log_p = F.logsigmoid(x)  # (B, C)
+    if eps > 0:
+        p = torch.sigmoid(x)  # (B, C)
+        log_p = torch.log(p.clamp(min=eps))  # (B, C)
+        p_m = (p - margin).clamp(min=0) if margin > 0 else p  # (B, C)
+        log_one_minus_pm = torch.log((1 - p_m).clamp(min=eps))  # (B, C)
+        one_minus_p = 1 - p
+    else:
+        log_p = F.logsigmoid(x)  # (B, C)
+        one_minus_p = torch.sigmoid(-x)
+        if margin == 0:
+            p_m = torch.sigmoid(x)  # (B, C)
+            log_one_minus_pm = F.logsigmoid(-x)  # (B, C)
+        else:
+            # 1 - p_m = min(1 - p + m, 1); clamping keeps the log exactly 0 (and its gradient 0)
+            # for negatives already below the margin.
+            p_m = (torch.sigmoid(x) - margin).clamp(min=0)  # (B, C)
+            log_one_minus_pm = torch.log((torch.sigmoid(-x) + margin).clamp(max=1))  # (B, C)
     pos = y * log_p  # (B, C)
     if gamma_pos != 0:
-        w_pos = torch.sigmoid(-x).pow(gamma_pos)  # (1 - p)^{g+}, (B, C)
+        w_pos = one_minus_p.pow(gamma_pos)  # (1 - p)^{g+}, (B, C)
         if detach_focusing:
             w_pos = w_pos.detach()
         pos = pos * w_pos
-
-    if margin == 0:
-        p_m = torch.sigmoid(x)  # (B, C)
-        log_one_minus_pm = F.logsigmoid(-x)  # (B, C)
-    else:
-        # 1 - p_m = min(1 - p + m, 1); clamping keeps the log exactly 0 (and its gradient 0)
-        # for negatives already below the margin.
-        p_m = (torch.sigmoid(x) - margin).clamp(min=0)  # (B, C)
-        log_one_minus_pm = torch.log((torch.sigmoid(-x) + margin).clamp(max=1))  # (B, C)
     neg = (1 - y) * log_one_minus_pm  # (B, C)
     if gamma_neg != 0:
         w_neg = p_m.pow(gamma_neg)  # p_m^{g-}, (B, C)
@@ -101,7 +133,8 @@ class MultiLabelLoss(nn.Module):
     """Base class: input checks, float32 promotion and the ``sum`` / ``mean`` reduction.
 
     Subclasses implement ``_per_image(x, y) -> (B,)`` (per-image loss ``L_i``) and
-    ``defaults()``.  ``reduction="sum"``: ``L = sum_i L_i``; ``"mean"``: ``L = sum_i L_i / B``.
+    ``defaults()``.  ``reduction="sum"``: ``L = sum_i L_i``; ``"mean"``: ``L = sum_i L_i / B``;
+    ``"mean-all"``: ``L = sum_i L_i / (B C)``.
     """
 
     def __init__(self, reduction: str = "sum") -> None:
@@ -142,7 +175,9 @@ class MultiLabelLoss(nn.Module):
         if logits.shape[0] == 0 or logits.shape[1] == 0:
             raise ValueError(f"{name}: got an empty batch of shape {tuple(logits.shape)}; skip empty batches.")
         per_image = self._per_image(logits.float(), targets.float())  # (B,)
-        return per_image.sum() if self.reduction == "sum" else per_image.mean()
+        if self.reduction == "mean":
+            return per_image.mean()
+        return per_image.sum() / reduction_factor(self.reduction, *logits.shape)  # sum: / 1, mean-all: / (B C)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={getattr(self, k)!r}" for k in self.defaults())
@@ -170,7 +205,8 @@ class FocalLoss(MultiLabelLoss):
     ``log p = logsigmoid(x)``, ``log(1 - p) = logsigmoid(-x)``.  ``gamma = 0`` is BCE.
 
     ``detach_focusing=True`` (default) treats the weights ``(1-p)^g``, ``p^g`` as constants
-    in backward (as the ASL reference does); ``False`` gives the full analytic gradient.
+    in backward (as the ASL reference does); ``False`` gives the full analytic gradient (the study).
+    ``eps > 0`` takes the log of probabilities clamped at ``eps`` (the study: 1e-8); 0 = exact.
 
     CLI convenience: ``gamma_pos`` / ``gamma_neg`` are accepted as aliases of ``gamma``
     only if every one of ``gamma``, ``gamma_pos``, ``gamma_neg`` that is not ``None`` has the
@@ -187,6 +223,7 @@ class FocalLoss(MultiLabelLoss):
         reduction: str = "sum",
         gamma_pos: Optional[float] = None,
         gamma_neg: Optional[float] = None,
+        eps: float = 0.0,
     ) -> None:
         super().__init__(reduction)
         candidates = (("gamma", gamma), ("gamma_pos", gamma_pos), ("gamma_neg", gamma_neg))
@@ -199,14 +236,15 @@ class FocalLoss(MultiLabelLoss):
         value = next(iter(given.values())) if given else self.DEFAULT_GAMMA
         self.gamma = _check_non_negative("gamma", value, "FocalLoss")
         self.detach_focusing = bool(detach_focusing)
+        self.eps = _check_eps(eps, "FocalLoss")
 
     @classmethod
     def defaults(cls) -> Dict[str, Any]:
         """Default hyper-parameters (gamma_pos / gamma_neg are only aliases of gamma)."""
-        return {"gamma": cls.DEFAULT_GAMMA, "detach_focusing": True, "reduction": "sum"}
+        return {"gamma": cls.DEFAULT_GAMMA, "detach_focusing": True, "eps": 0.0, "reduction": "sum"}
 
     def _per_image(self, x: Tensor, y: Tensor) -> Tensor:
-        return _focal_terms(x, y, self.gamma, self.gamma, 0.0, self.detach_focusing).sum(dim=1)  # (B,)
+        return _focal_terms(x, y, self.gamma, self.gamma, 0.0, self.detach_focusing, self.eps).sum(dim=1)  # (B,)
 
 
 class AsymmetricLoss(MultiLabelLoss):
@@ -221,7 +259,8 @@ class AsymmetricLoss(MultiLabelLoss):
 
     ``detach_focusing=True`` (default, as the ASL reference which toggles grad mode - here a
     local ``.detach()``) excludes ``(1-p)^{g+}`` and ``p_m^{g-}`` from the gradient;
-    ``False`` gives the full analytic gradient of the formula.
+    ``False`` gives the full analytic gradient of the formula (the study). ``eps > 0`` takes the
+    logs of ``max(p, eps)`` and ``max(1 - p_m, eps)`` (the study: 1e-8); 0 = exact.
     """
 
     def __init__(
@@ -231,6 +270,7 @@ class AsymmetricLoss(MultiLabelLoss):
         margin: float = 0.05,
         detach_focusing: bool = True,
         reduction: str = "sum",
+        eps: float = 0.0,
     ) -> None:
         super().__init__(reduction)
         self.gamma_pos = _check_non_negative("gamma_pos", gamma_pos, "AsymmetricLoss")
@@ -243,14 +283,17 @@ class AsymmetricLoss(MultiLabelLoss):
             )
         self.margin = margin
         self.detach_focusing = bool(detach_focusing)
+        self.eps = _check_eps(eps, "AsymmetricLoss")
 
     @classmethod
     def defaults(cls) -> Dict[str, Any]:
         """Default hyper-parameters."""
-        return {"gamma_pos": 0.0, "gamma_neg": 4.0, "margin": 0.05, "detach_focusing": True, "reduction": "sum"}
+        return {"gamma_pos": 0.0, "gamma_neg": 4.0, "margin": 0.05, "detach_focusing": True, "eps": 0.0,
+                "reduction": "sum"}
 
     def _per_image(self, x: Tensor, y: Tensor) -> Tensor:
-        terms = _focal_terms(x, y, self.gamma_pos, self.gamma_neg, self.margin, self.detach_focusing)  # (B, C)
+        terms = _focal_terms(x, y, self.gamma_pos, self.gamma_neg, self.margin, self.detach_focusing,
+                             self.eps)  # (B, C)
         return terms.sum(dim=1)  # (B,)
 
 

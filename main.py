@@ -21,20 +21,14 @@ from heads import GCN_P, GCN_TAU, HEADS, LABEL_EMBEDDINGS
 from image_cache import MODES as CACHE_MODES
 from losses import LOSSES
 from models import DEFAULT_MODEL, MODELS, STRIDE
+from recipes import FOCUSING_LOSSES, NORMALISE_SOURCES, RECIPES, resolve, valid_normalise
 from report import compare_runs, evaluate_run, predict_paths
 from thresholds import THRESHOLD_METHODS
 from trainer import RUNTIME_FLAGS, resume_config, train
-from utils import UserError
+from utils import DefaultsHelpFormatter, UserError
 
 
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends '(default: X)' to help strings, except where the default is None and the help states it in words."""
-
-    def _get_help_string(self, action):
-        # On/off switches say what they do; "(default: True)" on a --no-X flag would only confuse.
-        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            return action.help
-        return super()._get_help_string(action)
+BOOL = argparse.BooleanOptionalAction  # --x / --no-x, None when neither is given (the recipe decides)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -43,6 +37,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=DefaultsHelpFormatter,
         epilog="Plots: python main.py --plot {gradients,labels,curves,per-label} ... (see analysis.py).")
 
+    g = parser.add_argument_group("recipe", "Flags marked [recipe] default to the --recipe's value; given, they win.")
+    g.add_argument("--recipe", default="default", choices=sorted(RECIPES),
+                   help="default = this repository's honest recipe; study = the study's code, every difference "
+                        "reproduced (README: Differences from the study)")
+
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, choices=sorted(MODELS),
                    help=f"backbone (default: {DEFAULT_MODEL}; with --checkpoint, the checkpoint's, and a different one is refused)")
@@ -50,6 +49,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="train from scratch instead of ImageNet weights (the default downloads them)")
     g.add_argument("--weights", default=None, metavar="PATH", help="local ImageNet weight file for the backbone (offline)")
+    g.add_argument("--weights-tag", default=None, metavar="TAG",
+                   help="[recipe] which of timm's pretrained weights (e.g. tv_in1k, miil_in1k); default recipe: timm's "
+                        "default tag; study: the weights its code loaded (ResNets tv_in1k, Xception tf_in1k, TResNet "
+                        "miil_in1k)"),
     g.add_argument("--head", default="fc", choices=list(HEADS),
                    help="classifier head: fc = the study's Dropout + Linear; gcn = ML-GCN (Chen et al., CVPR 2019), a "
                         "2-layer GCN over the training labels' co-occurrence graph gives each label's classifier; "
@@ -71,8 +74,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma-neg", type=float, default=None,
                    help="focusing parameter for negatives (default: the loss's own: ASL 4, focal 3)")
     g.add_argument("--margin", type=float, default=None, help="ASL probability margin m (default: 0.05)")
-    g.add_argument("--loss-reduction", default="sum", choices=["sum", "mean"],
-                   help="sum over images and labels (the study) or mean over images")
+    g.add_argument("--loss-reduction", default=None, choices=["sum", "mean", "mean-all"],
+                   help="[recipe] sum over images and labels; mean = over images of the per-image sum; mean-all = "
+                        "over all images x labels. Default recipe: sum; study: mean-all (BCE, focal, ASL), mean (LSEP)")
+    g.add_argument("--detach-focusing", default=None, action=BOOL,
+                   help="[recipe] focal/ASL: treat the focusing weights (1-p)^g, p^g as constants in the gradient "
+                        "(ASL's reference code; the default recipe) or not (the study)")
+    g.add_argument("--loss-eps", type=float, default=None, metavar="EPS",
+                   help="[recipe] focal/ASL: log(max(p, EPS)) instead of the exact log-sigmoid (0; the default "
+                        "recipe); the study: 1e-8"),
 
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=None,
@@ -84,8 +94,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=448, help="square input size (multiple of 32)")
     g.add_argument("--val-size", type=int, default=500,
                    help="images held out of train.json for model selection and threshold fitting")
-    g.add_argument("--select-on-test", action="store_true",
-                   help="the study's original protocol: select the model on the test set (no validation split)")
+    g.add_argument("--select-on-test", default=None, action=BOOL,
+                   help="[recipe] select the model on the test set, no validation split (the study's protocol; "
+                        "test figures are then optimistic). Default recipe: no")
+    g.add_argument("--shuffle-once", default=None, action=BOOL,
+                   help="[recipe] permute the training samples once with scikit-learn's shuffle(random_state=0) "
+                        "before the seeded per-epoch order, as the study's dataset does (study: yes)")
+    g.add_argument("--drop-last", default=None, action=BOOL,
+                   help="[recipe] drop each epoch's last partial batch (default recipe) or keep it (the study)")
+    g.add_argument("--normalise", default=None, nargs="+", metavar="SOURCE",
+                   help="[recipe] input mean/std: backbone (its ImageNet figures; the default recipe), corel5k (the "
+                        "study's Corel-5k figures, its augmented ones with --augmentation), dataset (this training "
+                        "split's own, computed once and cached), or six numbers MEAN_R MEAN_G MEAN_B STD_R STD_G "
+                        "STD_B. Study: corel5k on Corel-5k, dataset elsewhere")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="skip missing or unreadable images (counted and reported) instead of stopping")
     g.add_argument("--num-workers", type=int, default=2,
@@ -95,11 +116,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "4 GiB per split, else a memory-mapped .npy under <save-dir>/cache; none = decode every epoch")
 
     g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=40, help="training epochs")
+    g.add_argument("--epochs", type=int, default=None, help="[recipe] epochs trained (default recipe: 40; study: 60)")
+    g.add_argument("--schedule-epochs", type=float, default=None, metavar="E",
+                   help="[recipe] length of the OneCycleLR schedule in epochs, at least --epochs (default recipe: "
+                        "--epochs, fully annealed; study: 80/60 x --epochs, i.e. 80 over 60 epochs, stopped at 75%%)")
     g.add_argument("--batch-size", type=int, default=32, help="images per batch (per process under torchrun)")
     g.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate of OneCycleLR")
-    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, validation split, data order and flips")
-    g.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
+    g.add_argument("--seed", type=int, default=None,
+                   help="[recipe] seed for initialisation, validation split, data order and flips (default recipe: "
+                        "0; study: 1)")
+    g.add_argument("--flip", default=None, action=BOOL, help="[recipe] random horizontal flips (both recipes: on)")
+    g.add_argument("--vertical-flip", default=None, action=BOOL,
+                   help="[recipe] random vertical flips (default recipe: off; study: on)")
     g.add_argument("--randaugment", action="store_true",
                    help="RandAugment of each training image, 2 of torchvision's 14 operations at magnitude 9/31 (Cubuk "
                         "et al., NeurIPS 2020), as in the ASL training recipe (Ridnik et al., ICCV 2021)")
@@ -135,9 +163,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold-method", default="mcc", choices=sorted(THRESHOLD_METHODS),
                    help="per-label threshold criterion")
     g.add_argument("--threshold-split", default=None, choices=["val", "train"],
-                   help="split the thresholds are fitted on (default: val; train under --select-on-test, as the study)")
-    g.add_argument("--threshold-fallback", default="default", choices=["default", "first"],
-                   help="labels whose criterion is 0 everywhere keep 0.5 (default) or take the grid's first point (the study)")
+                   help="[recipe] split the thresholds are fitted on (default recipe: val, or train under "
+                        "--select-on-test; study: train)")
+    g.add_argument("--threshold-transform", default=None, choices=["eval", "train"],
+                   help="[recipe] fit the thresholds on predictions of unflipped images (eval; default recipe) or "
+                        "through the training flips (train; the study used its training loader)")
+    g.add_argument("--threshold-fallback", default=None, choices=["default", "first"],
+                   help="[recipe] labels whose criterion is 0 everywhere keep 0.5 (default) or take the grid's first "
+                        "point (first: the study's argmax)")
+    g.add_argument("--threshold-compare", default=None, choices=["ge", "gt"],
+                   help="[recipe] at evaluation and --predict, a label is predicted when p >= t (ge; default recipe) "
+                        "or p > t (gt; the study). Fitting uses >=, as the study did")
+    g.add_argument("--metric-epsilon", type=float, default=None, metavar="EPS",
+                   help="[recipe] P/R/F1 as a / (b + EPS) and 2PR / (P + R + EPS) (the study: 1e-7) instead of exact "
+                        "ratios (0; default recipe)")
     g.add_argument("--threshold-grid", default=None, type=float, nargs="+", metavar="T",
                    help="threshold grid (default: the study's 0.05, 0.10, ..., 0.70)")
 
@@ -149,11 +188,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _recipe_problems(args: argparse.Namespace) -> list[str]:
+    """Problems with the recipe-controlled flags; a None (unset) flag is the recipe's and is not checked."""
+    problems = []
+    if args.epochs is not None and args.epochs < 1:
+        problems.append(f"--epochs must be at least 1 (got {args.epochs})")
+    if args.schedule_epochs is not None and not args.schedule_epochs > 0:
+        problems.append(f"--schedule-epochs must be a positive number of epochs (got {args.schedule_epochs})")
+    if args.loss_eps is not None and not 0 <= args.loss_eps < 0.5:
+        problems.append(f"--loss-eps must be in [0, 0.5) (got {args.loss_eps}; the study uses 1e-8)")
+    if args.metric_epsilon is not None and not 0 <= args.metric_epsilon < 0.01:
+        problems.append(f"--metric-epsilon must be in [0, 0.01) (got {args.metric_epsilon}; the study uses 1e-7)")
+    if args.loss_function not in FOCUSING_LOSSES:
+        given = [f for f, v in (("--loss-eps", args.loss_eps), ("--detach-focusing", args.detach_focusing)) if v is not None]
+        if given:
+            problems.append(f"{' and '.join(given)} apply to {' and '.join(FOCUSING_LOSSES)}, not {args.loss_function}")
+    if args.normalise is not None and not valid_normalise(args.normalise):
+        problems.append(f"--normalise takes {', '.join(NORMALISE_SOURCES)} or six numbers MEAN_R MEAN_G MEAN_B "
+                        f"STD_R STD_G STD_B with positive stds (got {' '.join(args.normalise)})")
+    if args.val_size < 1 and args.select_on_test is False:
+        problems.append(f"--val-size must be at least 1 (got {args.val_size}); or use --select-on-test")
+    return problems
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Reject nonsense before any work starts, one sentence per problem."""
-    problems = []
-    if args.epochs < 1:
-        problems.append(f"--epochs must be at least 1 (got {args.epochs})")
+    problems = _recipe_problems(args)
     if args.batch_size < 1:
         problems.append(f"--batch-size must be at least 1 (got {args.batch_size})")
     if args.image_size < STRIDE or args.image_size % STRIDE:
@@ -165,8 +225,6 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append(f"--learning-rate must be a positive number (got {args.learning_rate})")
     if not 0 < args.ema_decay < 1:
         problems.append(f"--ema-decay must be between 0 and 1 (got {args.ema_decay})")
-    if args.val_size < 1 and not args.select_on_test:
-        problems.append(f"--val-size must be at least 1 (got {args.val_size}); or use --select-on-test")
     if args.margin is not None and not 0 <= args.margin < 1:
         problems.append(f"--margin must be in [0, 1) (got {args.margin})")
     for name in ("gamma_pos", "gamma_neg"):
@@ -192,12 +250,18 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def config_defaults() -> dict:
-    """Every flag's default: what a run made before that flag existed did (checkpoint.load_config fills them in)."""
+    """Every flag's default, None for the recipe's flags: checkpoint.load_config fills a run's missing keys with
+    them and recipes.resolve then gives those the run's recipe (the default one for runs older than recipes)."""
     return vars(get_args_parser().parse_args([]))
 
 
 def main(args: argparse.Namespace):
     """Validate, then dispatch on the mode flags; returns the run directory (training) or the mode's result."""
+    if not (args.evaluate or args.predict or args.compare or args.resume):
+        # Training: the defaults that stay None for the --checkpoint modes, then the recipe's values for every
+        # recipe flag left unset; a new Namespace, so the caller's args are untouched.
+        args = argparse.Namespace(**resolve({**vars(args), "model": args.model or DEFAULT_MODEL,
+                                             "data": args.data or DEFAULT_DATA}))
     validate_args(args)
     if args.compare:
         table = compare_runs(args.compare)
@@ -209,8 +273,7 @@ def main(args: argparse.Namespace):
         return evaluate_run(args, config_defaults())
     if args.resume:
         return train(resume_config(args.resume, config_defaults(), {k: getattr(args, k) for k in RUNTIME_FLAGS}))
-    # Training: fill the defaults that stay None for --checkpoint modes, without touching the caller's args.
-    return train(json_config({**vars(args), "model": args.model or DEFAULT_MODEL, "data": args.data or DEFAULT_DATA}))
+    return train(json_config(vars(args)))
 
 
 def cli(argv=None) -> None:

@@ -6,8 +6,9 @@ Conventions shared by every function here (and by thresholds.py):
 * ``probs``: (N, C) floating-point scores in [0, 1] (sigmoid outputs, not logits).
 * ``thresholds``: a float, or a (C,) tensor with one threshold per label.
 * Prediction rule: label c is predicted for sample n  iff  ``probs[n, c] >= thresholds[c]``
-  (greater than OR EQUAL). Thresholds are compared in ``probs``' dtype, exactly as
-  ``probs >= 0.5`` does in PyTorch, so a float32 score equal to float32(t) is predicted.
+  (greater than OR EQUAL), or ``>`` with ``strict=True`` (the study's evaluation, ``torch.gt``).
+  Thresholds are compared in ``probs``' dtype, exactly as ``probs >= 0.5`` does in PyTorch, so a
+  float32 score equal to float32(t) is predicted (unless strict).
 * For label c: TP_c, FP_c, FN_c, TN_c are the confusion counts over the N samples.
 * Counts are int64, ratios float64; results stay on the inputs' device, except
   ``compute_metrics``, which returns plain Python numbers.
@@ -96,12 +97,13 @@ def _as_thresholds(thresholds: Thresholds, probs: Tensor) -> Tensor:
     return thr.expand(num_labels)  # (C,)
 
 
-def binarize(probs: Tensor, thresholds: Thresholds = 0.5) -> Tensor:
-    """Predictions (N, C) bool: ``pred[n, c] = probs[n, c] >= thresholds[c]`` (compared in probs' dtype)."""
+def binarize(probs: Tensor, thresholds: Thresholds = 0.5, strict: bool = False) -> Tensor:
+    """Predictions (N, C) bool: ``pred[n, c] = probs[n, c] >= thresholds[c]`` (``>`` if `strict`), in probs' dtype."""
     probs = torch.as_tensor(probs)
     if probs.dim() != 2:
         raise ValueError(f"probs must have shape (N, C); got {tuple(probs.shape)}.")
-    return probs >= _as_thresholds(thresholds, probs)  # (N, C) vs (C,) -> (N, C)
+    thr = _as_thresholds(thresholds, probs)  # (C,)
+    return probs > thr if strict else probs >= thr  # (N, C) vs (C,) -> (N, C)
 
 
 def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
@@ -207,8 +209,10 @@ def _average_precision(targets: Tensor, probs: Tensor) -> Tensor:
     return torch.where(support > 0, ap, torch.nan)
 
 
-def per_label_metrics(targets: Tensor, probs: Tensor, thresholds: Thresholds = 0.5) -> dict[str, Tensor]:
-    """Per-label metrics, each a (C,) tensor on the inputs' device, predicting ``probs >= thresholds``.
+def per_label_metrics(targets: Tensor, probs: Tensor, thresholds: Thresholds = 0.5,
+                      strict: bool = False) -> dict[str, Tensor]:
+    """Per-label metrics, each a (C,) tensor on the inputs' device, predicting ``probs >= thresholds`` (``>`` if
+    `strict`).
 
     * ``precision`` P_c = TP_c / (TP_c + FP_c), 0 for a label never predicted.
     * ``recall`` R_c = TP_c / (TP_c + FN_c), 0 for a label without positives.
@@ -217,7 +221,7 @@ def per_label_metrics(targets: Tensor, probs: Tensor, thresholds: Thresholds = 0
     * ``support`` TP_c + FN_c, ``predicted`` TP_c + FP_c, ``tp`` TP_c (int64).
     """
     targets, probs = _check_pair(targets, probs)
-    preds = probs >= _as_thresholds(thresholds, probs)  # (N, C)
+    preds = binarize(probs, thresholds, strict)  # (N, C)
     tp, fp, fn, _ = _confusion(targets, preds)  # each (C,)
     return {
         "precision": safe_divide(tp, tp + fp),
@@ -230,8 +234,9 @@ def per_label_metrics(targets: Tensor, probs: Tensor, thresholds: Thresholds = 0
     }
 
 
-def compute_metrics(targets: Tensor, probs: Tensor, thresholds: Thresholds = 0.5) -> dict[str, float]:
-    """Summary metrics as plain Python numbers, predicting ``probs >= thresholds``.
+def compute_metrics(targets: Tensor, probs: Tensor, thresholds: Thresholds = 0.5, strict: bool = False,
+                    epsilon: float = 0.0) -> dict[str, float]:
+    """Summary metrics as plain Python numbers, predicting ``probs >= thresholds`` (``>`` if `strict`).
 
     With P_c, R_c, F1_c, AP_c from ``per_label_metrics`` and the mean taken over ALL C labels:
 
@@ -244,22 +249,26 @@ def compute_metrics(targets: Tensor, probs: Tensor, thresholds: Thresholds = 0.5
     * ``N+`` (int) = #{c : TP_c > 0}, the labels recalled at least once.
     * ``mAP`` = 100 * mean of AP_c over the labels with at least one positive (percent, 0-100);
       NaN when no label has a positive.
+
+    ``epsilon > 0`` computes the six P/R/F1 figures as the study's code does: every ratio a / (b + epsilon) and
+    F1 = 2 P R / (P + R + epsilon) (the study: 1e-7), instead of exact ratios with 0 for 0/0.
     """
-    per_label = per_label_metrics(targets, probs, thresholds)
-    tp = per_label["tp"]
-    class_p = per_label["precision"].mean()
-    class_r = per_label["recall"].mean()
-    total_tp = tp.sum()
-    image_p = safe_divide(total_tp, per_label["predicted"].sum())
-    image_r = safe_divide(total_tp, per_label["support"].sum())
+    per_label = per_label_metrics(targets, probs, thresholds, strict)
+    tp, predicted, support = per_label["tp"], per_label["predicted"], per_label["support"]
+
+    def ratio(a: Tensor, b: Tensor) -> Tensor:
+        return a.to(torch.float64) / (b.to(torch.float64) + epsilon) if epsilon > 0 else safe_divide(a, b)
+
+    class_p, class_r = ratio(tp, predicted).mean(), ratio(tp, support).mean()
+    image_p, image_r = ratio(tp.sum(), predicted.sum()), ratio(tp.sum(), support.sum())
     return {
         "per_class/precision": class_p.item(),
         "per_class/recall": class_r.item(),
-        "per_class/f1": safe_divide(2 * class_p * class_r, class_p + class_r).item(),
+        "per_class/f1": ratio(2 * class_p * class_r, class_p + class_r).item(),
         "per_class/f1_mean_per_label": per_label["f1"].mean().item(),
         "per_image/precision": image_p.item(),
         "per_image/recall": image_r.item(),
-        "per_image/f1": safe_divide(2 * image_p * image_r, image_p + image_r).item(),
+        "per_image/f1": ratio(2 * image_p * image_r, image_p + image_r).item(),
         "N+": int((tp > 0).sum().item()),
         "mAP": 100.0 * per_label["ap"].nanmean().item(),
     }

@@ -83,19 +83,31 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+def default_weights_tag(name: str) -> str:
+    """timm's default pretrained tag of registry model `name` (e.g. TResNet -> 'miil_in21k_ft_in1k')."""
+    if name not in MODELS:
+        raise ModelError(f"Unknown model '{name}'; choose one of: {', '.join(sorted(MODELS))}.")
+    return timm.models.get_pretrained_cfg(MODELS[name]).tag
+
+
 def create_model(name: str, num_classes: int, pretrained: bool = False, weights: str | Path | None = None,
                  global_pooling: str = "avg", dropout: float = 0.3, head: str = "fc", head_options: dict | None = None,
-                 **kwargs) -> AnnotationModel:
+                 weights_tag: str | None = None, **kwargs) -> AnnotationModel:
     """Build a registry backbone with the study's head.
 
     pretrained: fetch timm's ImageNet weights (network needed). weights: a local timm-format weight file
-    (.pth/.bin/.safetensors) loaded into the backbone instead, for offline machines. head/head_options: the
-    classifier head (heads.HEADS, default the study's fc; heads.head_options builds the options from a run
-    configuration). Extra kwargs go to timm.
+    (.pth/.bin/.safetensors) loaded into the backbone instead, for offline machines. weights_tag: which of timm's
+    pretrained weights (e.g. 'tv_in1k'; None = timm's default); it also sets the backbone's pretrained
+    configuration (its mean/std). head/head_options: the classifier head (heads.HEADS, default the study's fc;
+    heads.head_options builds the options). Extra kwargs go to timm.
     """
     if name not in MODELS:
         raise ModelError(f"Unknown model '{name}'; choose one of: {', '.join(sorted(MODELS))}.")
-    timm_name = MODELS[name]
+    timm_name = MODELS[name] if weights_tag is None else f"{MODELS[name]}.{weights_tag}"
+    if weights_tag is not None and timm_name not in timm.list_pretrained(f"{MODELS[name]}.*"):
+        tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{MODELS[name]}.*")]
+        raise ModelError(f"--weights-tag {weights_tag} is not one of timm's weights for {name} ({MODELS[name]}); "
+                         f"choose one of: {', '.join(tags)}.")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if weights is not None:
         weights = Path(weights).expanduser()

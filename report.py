@@ -29,7 +29,8 @@ from engine import BatchPreprocessor, predict, resolve_precision
 from metrics import compute_metrics, per_label_metrics
 from models import DEFAULT_MODEL, normalisation
 from thresholds import DEFAULT_GRID, fit_thresholds
-from trainer import eval_loader, load_data, model_from_config
+from recipes import EVALUATION_KEYS, describe, resolve
+from trainer import eval_loader, load_data, model_from_config, training_flips
 from utils import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -46,13 +47,27 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 def load_run_model(run_dir: Path, wanted_model: str | None, defaults: dict, device: torch.device):
     """(model in eval mode, best checkpoint, run config); `wanted_model` (--model, None = any) must be the run's."""
-    config = load_config(run_dir, defaults)
+    config = resolve(load_config(run_dir, defaults))
     ckpt = load_checkpoint(run_dir / "best.pth")
     check_model(config["model"], wanted_model or config["model"], run_dir / "best.pth")
     # The head's label graph and text embeddings are placeholders here, filled from the checkpoint's state dict.
     model = model_from_config(config, len(ckpt["vocabulary"]), pretrained=False).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt, config
+
+
+def run_preprocessor(model, ckpt: dict, args: argparse.Namespace, device: torch.device) -> BatchPreprocessor:
+    """The inputs' normalisation the run trained with (its checkpoint's; the backbone's for older runs)."""
+    stats = ckpt["normalisation"] or dict(zip(("mean", "std"), normalisation(model)))
+    return BatchPreprocessor(stats["mean"], stats["std"], device, resolve_precision(args.amp, args.channels_last, device))
+
+
+def evaluation_settings(args: argparse.Namespace, config: dict) -> dict:
+    """The thresholding of this evaluation: each --threshold-* / --metric-epsilon flag given, else the run's
+    (its recipe's) value; plus the method and the grid."""
+    settings = {key: getattr(args, key) if getattr(args, key) is not None else config[key] for key in EVALUATION_KEYS}
+    grid = torch.tensor(args.threshold_grid, dtype=torch.float64) if args.threshold_grid else DEFAULT_GRID
+    return {**settings, "threshold_method": args.threshold_method, "grid": grid}
 
 
 def _format(value) -> str:
@@ -72,12 +87,15 @@ def _results_markdown(results: dict) -> str:
     run = results["run"]
     protocol = ("the study's protocol (--select-on-test: epoch chosen on the test set)" if run["protocol"] == "study"
                 else "held-out validation split for model selection")
+    recipe = "\n".join(f"| {row} | {value} |" for row, value in run["recipe"].items())
+    stats = run["normalisation"] or {"mean": "the backbone's", "std": "the backbone's"}
     return (f"# {run['model']} + {run['loss_function']} on {run['data']}\n\n"
-            f"Test set ({run['split_sizes']['test']} images). Thresholds fitted on the {run['threshold_split']} split "
-            f"({run['threshold_method']}, fallback {run['threshold_fallback']}); {protocol}.\n"
-            f"Image size {run['image_size']}, {run['epochs']} epochs (best epoch {run['best_epoch']}, "
+            f"Recipe: {run['recipe']['recipe']}. Test set ({run['split_sizes']['test']} images). Thresholds fitted on "
+            f"the {run['threshold_split']} split ({run['threshold_method']}, fallback {run['threshold_fallback']}); "
+            f"{protocol}.\nImage size {run['image_size']}, {run['epochs']} epochs (best epoch {run['best_epoch']}, "
             f"{run['best_source']} weights), seed {run['seed']}.\n\n"
             f"{markdown_tables(results)}\n\n"
+            f"| choice | this run |\n|---|---|\n{recipe}\n| input mean / std | {stats['mean']} / {stats['std']} |\n\n"
             f"Per-class F1 is 2PR/(P+R) of the label-averaged precision P and recall R; the mean of per-label F1 is "
             f"{results['mcc']['per_class/f1_mean_per_label']:.4f} with the fitted thresholds "
             f"({results['default']['per_class/f1_mean_per_label']:.4f} at 0.5). mAP is in percent.\n")
@@ -135,23 +153,43 @@ def predictions_figure(split: Split, probs: torch.Tensor, thresholds: torch.Tens
 
 
 def predict_split(model, split: Split, config: dict, args: argparse.Namespace, world: World,
-                  device: torch.device, preprocess: BatchPreprocessor) -> dict:
-    """{'probs', 'targets' (N, C), 'bad' (indices of unreadable images)} of `split`, rows in split order."""
+                  device: torch.device, preprocess: BatchPreprocessor, flips: torch.Tensor | None = None) -> dict:
+    """{'probs', 'targets' (N, C), 'bad' (indices of unreadable images)} of `split`, rows in split order; `flips`
+    (N, 2) flips the images first."""
     loader = eval_loader(split, config["image_size"], args.batch_size, args.num_workers, world, device,
                          args.skip_bad_images)
-    out = predict(model, loader, device, preprocess, desc=split.name, progress=args.progress and world.is_main)
+    out = predict(model, loader, device, preprocess, desc=split.name, progress=args.progress and world.is_main,
+                  flips=flips)
     return {"probs": out["probs"], "targets": out["targets"], "bad": out["bad"]}
 
 
-def run_metadata(run_dir: Path, config: dict, ckpt: dict, data, args: argparse.Namespace, threshold_split: str,
-                 grid: torch.Tensor) -> dict:
-    """What results.json says about the run and the thresholding (results["run"])."""
+def run_metadata(run_dir: Path, config: dict, ckpt: dict, data, settings: dict) -> dict:
+    """What results.json says about the run, its recipe and the thresholding (results["run"])."""
     return {"run_dir": str(run_dir), "model": config["model"], "loss_function": config["loss_function"],
             "data": config["data"], "image_size": config["image_size"], "epochs": config["epochs"],
             "seed": config["seed"], "split_sizes": data.sizes(), "protocol": data.protocol,
-            "threshold_split": threshold_split, "threshold_method": args.threshold_method,
-            "threshold_fallback": args.threshold_fallback, "threshold_grid": [round(float(g), 6) for g in grid],
-            "best_epoch": ckpt["best_epoch"], "best_source": ckpt["best_source"], "head": config["head"]}
+            **{k: v for k, v in settings.items() if k != "grid"},
+            "threshold_grid": [round(float(g), 6) for g in settings["grid"]],
+            "best_epoch": ckpt["best_epoch"], "best_source": ckpt["best_source"], "head": config["head"],
+            "normalisation": ckpt["normalisation"], "recipe": dict(describe({**config, **settings}))}
+
+
+def fit_run_thresholds(model, data, config: dict, settings: dict, args: argparse.Namespace, world: World,
+                       device: torch.device, preprocess: BatchPreprocessor) -> torch.Tensor:
+    """Per-label thresholds (C,) fitted on the threshold split (its training flips under --threshold-transform
+    train, drawn for the epoch after the last trained one)."""
+    split = data.train if settings["threshold_split"] == "train" else data.val
+    flips = training_flips(config, len(split), config["epochs"]) if settings["threshold_transform"] == "train" else None
+    fitted = predict_split(model, split, config, args, world, device, preprocess, flips)
+    return fit_thresholds(settings["threshold_method"], fitted["targets"], fitted["probs"], grid=settings["grid"],
+                          fallback=settings["threshold_fallback"]).float()  # (C,)
+
+
+def score_test_set(test: dict, thresholds: torch.Tensor, settings: dict) -> dict:
+    """{"default": metrics at 0.5, "mcc": metrics with the fitted thresholds} under the evaluation's rule."""
+    rule = dict(strict=settings["threshold_compare"] == "gt", epsilon=settings["metric_epsilon"])
+    return {"default": compute_metrics(test["targets"], test["probs"], 0.5, **rule),
+            "mcc": compute_metrics(test["targets"], test["probs"], thresholds, **rule)}
 
 
 def evaluate_run(args: argparse.Namespace, defaults: dict) -> dict:
@@ -162,27 +200,23 @@ def evaluate_run(args: argparse.Namespace, defaults: dict) -> dict:
     data = load_data(config["data"] if args.data is None else args.data, config,
                      args.skip_bad_images or config["skip_bad_images"], world)
     check_vocabulary(ckpt["vocabulary"], data.vocabulary, run_dir / "best.pth")
-    preprocess = BatchPreprocessor(*normalisation(model), device,
-                                   resolve_precision(args.amp, args.channels_last, device))
-    threshold_split = args.threshold_split or ("train" if data.protocol == "study" else "val")
-    fitted = predict_split(model, data.train if threshold_split == "train" else data.val, config, args, world, device,
-                           preprocess)
-    grid = torch.tensor(args.threshold_grid, dtype=torch.float64) if args.threshold_grid else DEFAULT_GRID
-    thresholds = fit_thresholds(args.threshold_method, fitted["targets"], fitted["probs"], grid=grid,
-                                fallback=args.threshold_fallback).float()  # (C,)
+    preprocess = run_preprocessor(model, ckpt, args, device)
+    settings = evaluation_settings(args, config)
+    thresholds = fit_run_thresholds(model, data, config, settings, args, world, device, preprocess)
     test = predict_split(model, data.test, config, args, world, device, preprocess)
     if len(test["bad"]) and world.is_main:
         print(f"Skipped {len(test['bad'])} unreadable test images; the figures cover the remaining "
               f"{len(test['probs'])}.", flush=True)
-    results = {"default": compute_metrics(test["targets"], test["probs"], 0.5),
-               "mcc": compute_metrics(test["targets"], test["probs"], thresholds),
+    results = {**score_test_set(test, thresholds, settings),
                "thresholds": {label: round(float(t), 6) for label, t in zip(data.vocabulary, thresholds)},
-               "run": run_metadata(run_dir, config, ckpt, data, args, threshold_split, grid)}
+               "run": run_metadata(run_dir, config, ckpt, data, settings)}
     if not world.is_main:
         return results
     write_report(run_dir, results, data, test, thresholds)
-    # Keep the fitted thresholds with the weights, so --predict applies them.
-    save_checkpoint(run_dir / "best.pth", {**ckpt, "thresholds": thresholds, "threshold_method": args.threshold_method})
+    # Keep the fitted thresholds (and their comparison rule) with the weights, so --predict applies them.
+    save_checkpoint(run_dir / "best.pth", {**ckpt, "thresholds": thresholds, "threshold_method": args.threshold_method,
+                                           "threshold_compare": settings["threshold_compare"]})
+    print(f"Recipe: {config['recipe']}", flush=True)
     print(markdown_tables(results), flush=True)
     print(f"Per-class F1: {results['default']['per_class/f1']:.4f} at 0.5, {results['mcc']['per_class/f1']:.4f} with "
           f"{args.threshold_method.upper()} thresholds; report in {run_dir}", flush=True)
@@ -219,9 +253,9 @@ def _image_files(path: Path) -> list[Path]:
     raise UserError(f"--predict path '{path}' does not exist; give an image file or a folder of images.")
 
 
-def annotate(probs: torch.Tensor, thresholds: torch.Tensor, vocabulary: list[str]) -> list[dict]:
-    """Labels of one image (C,) scores: those at or above their threshold, highest score first."""
-    chosen = (probs >= thresholds).nonzero().flatten().tolist()
+def annotate(probs: torch.Tensor, thresholds: torch.Tensor, vocabulary: list[str], strict: bool = False) -> list[dict]:
+    """Labels of one image (C,) scores: those at or above their threshold (above, if `strict`), highest score first."""
+    chosen = (probs > thresholds if strict else probs >= thresholds).nonzero().flatten().tolist()
     chosen.sort(key=lambda j: -float(probs[j]))
     return [{"label": vocabulary[j], "score": round(float(probs[j]), 4)} for j in chosen]
 
@@ -248,19 +282,19 @@ def predict_paths(args: argparse.Namespace, defaults: dict) -> list[dict]:
     run_dir = _run_dir(args)
     device = get_device(args.device)
     model, ckpt, config = load_run_model(run_dir, args.model, defaults, device)
-    vocabulary, thresholds = ckpt["vocabulary"], ckpt["thresholds"]
+    vocabulary, thresholds, compare = ckpt["vocabulary"], ckpt["thresholds"], ckpt["threshold_compare"]
     if thresholds is None:
         print(f"Note: {run_dir} has no fitted thresholds yet (run --evaluate first); using 0.5 for every label.",
               flush=True)
-        thresholds = torch.full((len(vocabulary),), 0.5)
+        thresholds, compare = torch.full((len(vocabulary),), 0.5), config["threshold_compare"]
     split = Split("predict", [str(f) for f in files], files, torch.zeros(len(files), len(vocabulary)))
-    preprocess = BatchPreprocessor(*normalisation(model), device, resolve_precision(args.amp, args.channels_last, device))
+    preprocess = run_preprocessor(model, ckpt, args, device)
     loader = eval_loader(split, config["image_size"], args.batch_size, args.num_workers, World(), device,
                          args.skip_bad_images)
     out = predict(model, loader, device, preprocess, desc="predict", progress=args.progress)
     rows = []
     for index, probs in zip(out["indices"].tolist(), out["probs"]):
-        rows.append({"image": str(files[index]), "labels": annotate(probs, thresholds, vocabulary)})
+        rows.append({"image": str(files[index]), "labels": annotate(probs, thresholds, vocabulary, compare == "gt")})
         print(f"{files[index]}  " + " ".join(f"{x['label']}:{x['score']:.3f}" for x in rows[-1]["labels"]), flush=True)
     for index in out["bad"].tolist():
         print(f"{files[index]}  (unreadable, skipped)", flush=True)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
@@ -27,14 +28,16 @@ from torch import nn
 from augment import TrainAugmentation, make_train_augmentation
 from checkpoint import (CSVLogger, check_vocabulary, load_checkpoint, load_config, make_run_dir,
                         restore_training_state, save_checkpoint, save_config, training_state)
-from dataset import AnnotationDataset, DatasetSplits, Split, load_dataset, make_loader, resolve_data_root
+from dataset import (COREL5K_STATISTICS, AnnotationDataset, DatasetSplits, Split, load_dataset, make_loader,
+                     resolve_data_root)
 from distributed import World, broadcast_object, get_device, init_distributed, say, sum_across_ranks
 from engine import (BatchPreprocessor, EpochProgress, Precision, epoch_flips, evaluate, resolve_precision,
                     train_one_epoch)
 from heads import head_options
-from image_cache import build_cache
+from image_cache import build_cache, channel_statistics
 from losses import create_loss
 from models import AnnotationModel, count_trainable_parameters, create_model, normalisation
+from recipes import describe, resolve
 from utils import seed_everything
 
 # Flags that may differ when a run is resumed; everything else comes from the run's config.json.
@@ -43,9 +46,9 @@ FIRST_FEW = 5
 
 
 def resume_config(run_dir: str | Path, defaults: Mapping[str, Any], runtime: Mapping[str, Any]) -> dict:
-    """An interrupted run's configuration: its config.json (keys it lacks filled from `defaults`) with the
-    resuming command's `runtime` flags (RUNTIME_FLAGS) on top."""
-    return {**load_config(run_dir, defaults), **runtime}
+    """An interrupted run's configuration: its config.json (keys it lacks filled from `defaults`, then from its
+    recipe) with the resuming command's `runtime` flags (RUNTIME_FLAGS) on top."""
+    return {**resolve(load_config(run_dir, defaults)), **runtime}
 
 
 # ---------------------------------------------------------------- 1-2. data and loaders
@@ -63,7 +66,7 @@ def load_data(data: str, config: Mapping[str, Any], skip_bad_images: bool, world
     if world.world_size > 1:
         root = resolve_data_root(str(broadcast_object(str(root))))
     splits = load_dataset(root, config["augmentation"], config["val_size"], config["seed"], config["select_on_test"],
-                          skip_bad_images)
+                          skip_bad_images, shuffle_once=config["shuffle_once"])
     for split in {id(s): s for s in (splits.train, splits.val, splits.test)}.values():
         if split.skipped:
             say(f"Skipping {len(split.skipped)} missing images of {split.name} (--skip-bad-images): "
@@ -84,6 +87,7 @@ class Loaders:
     train: torch.utils.data.DataLoader
     val: torch.utils.data.DataLoader
     augmentation: TrainAugmentation | None  # told the epoch before each epoch's iterator is made
+    train_cache: np.ndarray | None  # the decoded training images (N, 3, S, S) uint8, if cached
 
 
 def build_loaders(config: Mapping[str, Any], data: DatasetSplits, world: World, device: torch.device) -> Loaders:
@@ -98,13 +102,27 @@ def build_loaders(config: Mapping[str, Any], data: DatasetSplits, world: World, 
     val_cache = build_cache(data.val, size, cache_mode, cache_dir, workers, progress)
     augmentation = make_train_augmentation(config["randaugment"], config["cutout"], config["seed"])
     train_set = AnnotationDataset(data.train, size, skip, cache=train_cache, transform=augmentation)
-    # Drop the last partial batch (a different few images each epoch, as the order is reshuffled): a batch of one
-    # image would break BatchNorm in training mode. Tiny runs with fewer images than a batch keep them.
-    drop_last = len(train_set) // world.world_size >= batch
     train = make_loader(train_set, batch, workers, shuffle=True, seed=config["seed"], pin_memory=device.type == "cuda",
-                        drop_last=drop_last, num_replicas=world.world_size, rank=world.rank)
+                        drop_last=_drop_last(config["drop_last"], len(train_set) // world.world_size, batch),
+                        num_replicas=world.world_size, rank=world.rank)
     val = eval_loader(data.val, size, batch, workers, world, device, skip, cache=val_cache)
-    return Loaders(train, val, augmentation)
+    return Loaders(train, val, augmentation, train_cache)
+
+
+def _drop_last(drop_last: bool, images: int, batch: int) -> bool:
+    """Whether the loader drops the last partial batch of each epoch (--drop-last / --no-drop-last).
+
+    Dropping (the default) leaves out a different few images each epoch, as the order is reshuffled. Tiny runs with
+    fewer images than a batch keep them. A kept last batch of one image would break BatchNorm in training mode, so
+    it is dropped, and that is said.
+    """
+    if drop_last:
+        return images >= batch
+    if images % batch == 1 and images > 1:
+        say(f"Note: {images} training images in batches of {batch} leave a last batch of one image, which BatchNorm "
+            f"cannot train on; it is dropped each epoch.")
+        return True
+    return False
 
 
 # ---------------------------------------------------------------- 3. model, loss, optimiser
@@ -118,8 +136,15 @@ def model_from_config(config: Mapping[str, Any], num_classes: int, train_targets
                            vocabulary=vocabulary)
     return create_model(config["model"], num_classes,
                         pretrained=config["pretrained"] if pretrained is None else pretrained,
-                        weights=config["weights"] if pretrained is None else None,
+                        weights=config["weights"] if pretrained is None else None, weights_tag=config["weights_tag"],
                         global_pooling=config["global_pooling"], head=config["head"], head_options=options)
+
+
+def loss_from_config(config: Mapping[str, Any]):
+    """The run's training loss (losses.create_loss; None options mean the loss's own default)."""
+    return create_loss(config["loss_function"], gamma_pos=config["gamma_pos"], gamma_neg=config["gamma_neg"],
+                       margin=config["margin"], reduction=config["loss_reduction"],
+                       detach_focusing=config["detach_focusing"], eps=config["loss_eps"])
 
 
 def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int):
@@ -143,8 +168,7 @@ def build_training(config: Mapping[str, Any], device: torch.device, num_classes:
     """
     seed_everything(config["seed"])
     model = model_from_config(config, num_classes, train_targets, vocabulary).to(device)
-    criterion = create_loss(config["loss_function"], gamma_pos=config["gamma_pos"], gamma_neg=config["gamma_neg"],
-                            margin=config["margin"], reduction=config["loss_reduction"])
+    criterion = loss_from_config(config)
     weight_decay = config["weight_decay"]
     # With weight decay, biases and norm weights (1-D) are left undecayed (timm's rule, as the ASL recipe).
     parameters = param_groups_weight_decay(model, weight_decay) if weight_decay > 0 else model.parameters()
@@ -152,7 +176,8 @@ def build_training(config: Mapping[str, Any], device: torch.device, num_classes:
     # Fused Adam where the device has it (one kernel for all parameters), else the multi-tensor path.
     optimizer = optimizer_class(parameters, lr=config["learning_rate"], weight_decay=weight_decay,
                                 fused=device.type in ("cuda", "cpu"))
-    scheduler = one_cycle(optimizer, config["learning_rate"], config["epochs"] * steps_per_epoch)
+    # The schedule may be longer than the training (the study: 80 epochs' OneCycleLR, stopped after 60).
+    scheduler = one_cycle(optimizer, config["learning_rate"], round(config["schedule_epochs"] * steps_per_epoch))
     ema = None
     if config["ema"]:
         ema = torch.optim.swa_utils.AveragedModel(
@@ -173,14 +198,34 @@ class Parts:
     scaler: torch.amp.GradScaler | None
     preprocess: BatchPreprocessor
     device: torch.device
+    normalisation: dict[str, list[float]]  # {"mean": (3,), "std": (3,)} the inputs are normalised with
 
 
-def prepare_parts(config: Mapping[str, Any], data: DatasetSplits, steps_per_epoch: int, world: World,
+def input_normalisation(config: Mapping[str, Any], data: DatasetSplits, model: AnnotationModel,
+                        train_cache: np.ndarray | None, world: World) -> tuple[list[float], list[float]]:
+    """(mean, std) per channel for --normalise: the backbone's, the study's Corel-5k figures (its augmented ones
+    under --augmentation), this training split's own (computed once, cached under <save-dir>/cache), or 6 numbers."""
+    source = list(config["normalise"])
+    if source == ["backbone"]:
+        mean, std = normalisation(model)
+    elif source == ["corel5k"]:
+        mean, std = COREL5K_STATISTICS[bool(config["augmentation"])]
+    elif source == ["dataset"]:
+        mean, std = channel_statistics(data.train, config["image_size"], train_cache, config["num_workers"],
+                                       Path(config["save_dir"]) / "cache", config["progress"] and world.is_main)
+    else:
+        values = [float(v) for v in source]
+        mean, std = values[:3], values[3:]
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def prepare_parts(config: Mapping[str, Any], data: DatasetSplits, loaders: Loaders, world: World,
                   device: torch.device, precision: Precision) -> Parts:
     """`build_training`, then the memory format, the fp16 scaler, the batch preprocessor and DDP / compile."""
     model, criterion, optimizer, scheduler, ema = build_training(
-        config, device, len(data.vocabulary), steps_per_epoch, train_targets=data.train.targets,
+        config, device, len(data.vocabulary), len(loaders.train), train_targets=data.train.targets,
         vocabulary=data.vocabulary)
+    mean, std = input_normalisation(config, data, model, loaders.train_cache, world)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler(device.type) if precision.amp_dtype is torch.float16 else None
@@ -192,8 +237,9 @@ def prepare_parts(config: Mapping[str, Any], data: DatasetSplits, steps_per_epoc
             forward_model, device_ids=[device.index] if device.type == "cuda" else None)
     if config["compile"]:
         forward_model = torch.compile(forward_model)
-    preprocess = BatchPreprocessor(*normalisation(model), device, precision)
-    return Parts(model, forward_model, criterion, optimizer, scheduler, ema, scaler, preprocess, device)
+    preprocess = BatchPreprocessor(mean, std, device, precision)
+    return Parts(model, forward_model, criterion, optimizer, scheduler, ema, scaler, preprocess, device,
+                 {"mean": mean, "std": std})
 
 
 # ---------------------------------------------------------------- 4. run directory, checkpoints, resume
@@ -215,7 +261,7 @@ def snapshot(parts: Parts, state: RunState, config: Mapping[str, Any], vocabular
     return training_state(parts.model, parts.optimizer, parts.scheduler, scaler=parts.scaler, ema=parts.ema,
                           epoch=state.epoch, epoch_progress=asdict(state.progress), best_metric=state.best,
                           best_epoch=state.best_epoch, config=dict(config), vocabulary=vocabulary, device=parts.device,
-                          weights=weights, best_source=best_source)
+                          normalisation=parts.normalisation, weights=weights, best_source=best_source)
 
 
 def start_run(config: Mapping[str, Any], world: World) -> tuple[dict, RunState]:
@@ -248,6 +294,13 @@ def resume_command(run_dir: Path) -> str:
 
 # ---------------------------------------------------------------- 5. the epoch loop
 
+def training_flips(config: Mapping[str, Any], num_images: int, epoch: int) -> torch.Tensor | None:
+    """The epoch's (N, 2) flips under --flip / --vertical-flip, or None when both are off."""
+    if not (config["flip"] or config["vertical_flip"]):
+        return None
+    return epoch_flips(num_images, config["seed"], epoch, horizontal=config["flip"], vertical=config["vertical_flip"])
+
+
 def train_epoch(parts: Parts, loaders: Loaders, data: DatasetSplits, config: Mapping[str, Any], state: RunState,
                 world: World) -> dict[str, float]:
     """Epoch `state.epoch` from where `state.progress` stands; Ctrl-C saves last.pth there and exits with 130."""
@@ -255,7 +308,7 @@ def train_epoch(parts: Parts, loaders: Loaders, data: DatasetSplits, config: Map
     loaders.train.sampler.set_epoch(epoch, skip=state.progress.step * config["batch_size"])
     if loaders.augmentation is not None:
         loaders.augmentation.set_epoch(epoch)  # before the loader's iterator copies the dataset into its workers
-    flips = epoch_flips(len(data.train), config["seed"], epoch) if config["flip"] else None
+    flips = training_flips(config, len(data.train), epoch)
     bad: list[int] = []
     try:
         stats = train_one_epoch(parts.forward_model, loaders.train, parts.criterion, parts.optimizer, parts.device,
@@ -279,14 +332,16 @@ def train_epoch(parts: Parts, loaders: Loaders, data: DatasetSplits, config: Map
     return stats
 
 
-def validate(parts: Parts, loader, progress: bool) -> tuple[dict[str, float], float, str]:
+def validate(parts: Parts, loader, config: Mapping[str, Any], progress: bool) -> tuple[dict[str, float], float, str]:
     """(validation metrics, score, source): the score is the per-class F1 at 0.5 of the model or of its EMA,
-    whichever is higher (`source` says which; the EMA must beat the model strictly)."""
-    row = evaluate(parts.forward_model, loader, parts.criterion, parts.device, parts.preprocess, progress=progress)
+    whichever is higher (`source` says which; the EMA must beat the model strictly). Predictions follow the run's
+    --threshold-compare and --metric-epsilon (the study selects with p > 0.5)."""
+    rule = dict(progress=progress, strict=config["threshold_compare"] == "gt", epsilon=config["metric_epsilon"])
+    row = evaluate(parts.forward_model, loader, parts.criterion, parts.device, parts.preprocess, **rule)
     score, source = row["val/per_class/f1"], "model"
     if parts.ema is not None:
         row.update(evaluate(parts.ema.module, loader, parts.criterion, parts.device, parts.preprocess,
-                            prefix="val_ema", progress=progress))
+                            prefix="val_ema", **rule))
         if row["val_ema/per_class/f1"] > score:
             score, source = row["val_ema/per_class/f1"], "ema"
     return row, score, source
@@ -325,7 +380,7 @@ def run_epochs(parts: Parts, loaders: Loaders, data: DatasetSplits, config: Mapp
     while state.epoch < config["epochs"]:
         start = time.perf_counter()
         row = {"epoch": state.epoch + 1, **train_epoch(parts, loaders, data, config, state, world)}
-        metrics, score, source = validate(parts, loaders.val, progress)
+        metrics, score, source = validate(parts, loaders.val, config, progress)
         row.update(metrics)
         row["time_s"] = time.perf_counter() - start
         state.epoch, state.progress = state.epoch + 1, EpochProgress()
@@ -344,7 +399,7 @@ def train(config: Mapping[str, Any]) -> Path:
         say("Protocol: --select-on-test, the study's original protocol: the best epoch is chosen on the TEST set, "
             "so test figures are optimistic.")
     loaders = build_loaders(config, data, world, device)
-    parts = prepare_parts(config, data, len(loaders.train), world, device, precision)
+    parts = prepare_parts(config, data, loaders, world, device, precision)
     if config["resume"]:
         state = resume_run(config, parts, data.vocabulary)
     else:
@@ -352,6 +407,8 @@ def train(config: Mapping[str, Any]) -> Path:
     say(f"{config['model']} ({count_trainable_parameters(parts.model):,} trainable parameters) + "
         f"{config['loss_function']} on {device} ({'fp32' if precision.amp_dtype is None else precision.amp_dtype}, "
         f"{'channels_last' if precision.channels_last else 'NCHW'}); splits {data.sizes()}")
+    say(f"Recipe {config['recipe']}: " + "; ".join(f"{row}: {value}" for row, value in describe(config)[1:])
+        + f"; inputs normalised with mean {parts.normalisation['mean']}, std {parts.normalisation['std']}")
     run_epochs(parts, loaders, data, config, state, world)
     say(f"Best validation per-class F1 {state.best:.4f} at epoch {state.best_epoch}; checkpoints in {state.run_dir}. "
         f"Evaluate with:\n  python main.py --evaluate --checkpoint {shlex.quote(str(state.run_dir))}")

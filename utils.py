@@ -6,6 +6,7 @@ Every error a user can cause (a wrong flag, a missing file, a malformed annotati
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -77,3 +78,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends '(default: X)' to a flag's help, unless the default is None, SUPPRESS or an on/off switch's bool
+    (the help then says in words what happens), or the help already speaks of its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or isinstance(action.default, bool) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"

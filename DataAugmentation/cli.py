@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dataset import DatasetError, read_annotations, resolve_data_root
 from distributed import get_device
-from utils import UserError
+from utils import DefaultsHelpFormatter, UserError
 
 from .files import AUG_DIR, AUG_JSON, finished_images, load_real_image, save_outputs, write_train_aug
 from .models import GanConfig
@@ -51,23 +51,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-class _DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Appends '(default: X)' to help strings that do not state their default in words already."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is None or action.default is argparse.SUPPRESS or isinstance(action.default, bool) \
-                or "default" in text:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m DataAugmentation",
         description="ML-WGAN-GP data augmentation: one WGAN-GP per training image, K images trained at once; "
                     "writes <root>/aug-images/ and <root>/train_aug.json (used by main.py --augmentation).",
-        formatter_class=_DefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--data", default="Corel-5k",
                         help="dataset: Corel-5k, ESP-Game, IAPR-TC-12, demo, or a folder with train.json and images/")
     parser.add_argument("--iterations", type=positive_int, default=1001,

@@ -54,7 +54,8 @@ def train_args(data, save_dir, *extra) -> list[str]:
 
 
 def run_dirs(save_dir: Path) -> list[Path]:
-    return sorted(p for p in save_dir.iterdir() if p.is_dir())
+    """The run directories under `save_dir` (not its cache/ folder)."""
+    return sorted(p for p in save_dir.iterdir() if (p / "config.json").is_file())
 
 
 def log_rows(run_dir: Path) -> list[dict]:

@@ -179,3 +179,16 @@ def test_epoch_sampler_orders_depend_on_seed_and_epoch_and_resume_mid_epoch():
     shards = [EpochSampler(10, shuffle=False, num_replicas=3, rank=r) for r in range(3)]
     assert [len(s) for s in shards] == [4, 4, 4]
     assert sorted(set(i for s in shards for i in s)) == list(range(10))
+
+
+def test_shuffle_once_is_the_studys_scikit_learn_permutation(tiny_dataset):
+    from sklearn.utils import shuffle
+
+    plain = load_dataset(tiny_dataset, select_on_test=True)
+    shuffled = load_dataset(tiny_dataset, select_on_test=True, shuffle_once=True)
+    samples = json.loads((tiny_dataset / "train.json").read_text())["samples"]
+    # The study: samples = shuffle(samples, random_state=0) on the list of sample dicts.
+    assert shuffled.train.image_names == [s["image_name"] for s in shuffle(samples, random_state=0)]
+    order = [plain.train.image_names.index(n) for n in shuffled.train.image_names]
+    assert torch.equal(shuffled.train.targets, plain.train.targets[order])
+    assert sorted(shuffled.train.image_names) == sorted(plain.train.image_names) != shuffled.train.image_names

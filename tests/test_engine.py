@@ -106,3 +106,23 @@ def test_predict_returns_rows_in_dataset_order_with_sigmoid_probabilities():
     torch.testing.assert_close(out["probs"], torch.sigmoid(expected_logits))
     assert torch.equal(out["targets"], targets) and out["indices"].tolist() == list(range(n))
     assert out["bad"].numel() == 0
+
+
+def test_epoch_flips_keep_the_horizontal_draw_and_add_an_independent_vertical_one():
+    n, seed, epoch = 500, 3, 2
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    first, second = torch.rand(n, generator=generator) < 0.5, torch.rand(n, generator=generator) < 0.5
+    both = epoch_flips(n, seed, epoch, horizontal=True, vertical=True)
+    assert torch.equal(both[:, 0], first) and torch.equal(both[:, 1], second)
+    assert not epoch_flips(n, seed, epoch)[:, 1].any()  # vertical off by default
+    assert not epoch_flips(n, seed, epoch, horizontal=False, vertical=True)[:, 0].any()
+    assert 0.4 < (first == second).float().mean() < 0.6  # independent, not the same coin twice
+
+
+def test_preprocessor_flips_rows_for_vertical_and_columns_for_horizontal():
+    images = torch.arange(4 * 3 * 2 * 3, dtype=torch.uint8).view(4, 3, 2, 3)
+    flips = torch.tensor([[False, False], [True, False], [False, True], [True, True]])
+    out = BatchPreprocessor((0, 0, 0), (1 / 255, 1 / 255, 1 / 255), torch.device("cpu"))(images, flips)
+    x = images.numpy().astype(np.float64)
+    expected = np.stack([x[0], x[1][..., ::-1], x[2][:, ::-1, :], x[3][:, ::-1, ::-1]])
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-4)

@@ -197,3 +197,19 @@ def test_unreadable_images_are_named(splits):
     with pytest.raises(BadImageError, match=rf"1 of {len(splits.test)} images of split 'test' cannot be read"):
         build_cache(splits.test, SIZE, "memory")
 
+
+
+def test_channel_statistics_equal_numpy_over_every_pixel_and_are_cached(splits, tmp_path):
+    from image_cache import channel_statistics
+
+    train = splits.train
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR))
+                       for p in train.paths]).astype(np.float64) / 255  # (N, S, S, 3)
+    mean, std = channel_statistics(train, SIZE, cache_dir=tmp_path)
+    np.testing.assert_allclose(mean, pixels.mean(axis=(0, 1, 2)), atol=1e-6)
+    np.testing.assert_allclose(std, pixels.std(axis=(0, 1, 2)), atol=1e-6)
+    cached = build_cache(train, SIZE, "memory")
+    assert channel_statistics(train, SIZE, cached) == (mean, std)  # from the decoded cache: the same numbers
+    (stats_file,) = tmp_path.glob("stats-*.json")
+    stats_file.write_text('{"mean": [1, 2, 3], "std": [4, 5, 6]}')
+    assert channel_statistics(train, SIZE, cache_dir=tmp_path) == ([1, 2, 3], [4, 5, 6])  # reused, not recomputed

@@ -397,8 +397,10 @@ def test_focal_gamma_aliases():
 
 
 def test_bad_constructor_arguments():
-    with pytest.raises(ValueError, match=r"\['sum', 'mean'\]"):
+    with pytest.raises(ValueError, match=r"\['sum', 'mean', 'mean-all'\]"):
         BCELoss(reduction="none")
+    with pytest.raises(ValueError, match="eps"):
+        AsymmetricLoss(eps=0.5)
     with pytest.raises(ValueError, match="margin"):
         AsymmetricLoss(margin=1.0)
     with pytest.raises(ValueError, match="gamma_neg"):
@@ -415,3 +417,86 @@ def test_bad_input_shapes():
         loss(torch.zeros(3), torch.zeros(3))
     with pytest.raises(ValueError, match="empty"):
         loss(torch.zeros(0, 3), torch.zeros(0, 3))
+
+
+# ---------------------------------------------------------------- the study's definitions (--recipe study)
+
+def _study_fixture():
+    """Seeded (16, 260) logits and targets with all-negative rows, a label with no positive, and logits far enough
+    out (+-25) to reach the study's 1e-8 clamp on both sides."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(16, 260, generator=g, dtype=torch.float64) * 4
+    x[0, :8] = torch.tensor([-25.0, -21.0, 25.0, 22.0, -19.0, 19.0, 0.0, 30.0], dtype=torch.float64)
+    y = (torch.rand(16, 260, generator=g) < 0.05).double()
+    y[0, :8] = torch.tensor([1.0, 1, 0, 0, 1, 0, 1, 0])  # positives at -25/-21/-19: clamped; negatives at 25/22/30
+    y[[3, 7]] = 0  # images with no label
+    y[:, 5] = 0  # a label with no positive
+    return x, y
+
+
+def _study_reference(name, x, y):
+    """The study's losses (loss_functions.py + nn.MultiLabelSoftMarginLoss), written out in the study's precision:
+    its model outputs `x` are float32, so p = sigmoid(x) is float32; its targets `y` are float64 (numpy float
+    arrays), so every product with them, and the mean, is float64."""
+    p = torch.sigmoid(x)
+    if name == "BCELoss":  # MultiLabelSoftMarginLoss: -mean_c [y log sigmoid(x) + (1-y) log sigmoid(-x)], mean over B
+        return -(y * torch.nn.functional.logsigmoid(x) + (1 - y) * torch.nn.functional.logsigmoid(-x)).mean()
+    if name == "LSEPLoss":  # per image log(1 + sum_{v pos} sum_{u neg} exp(x_u - x_v)), divided by B
+        total = 0  # the study's per-image loop, in float32 as its outputs
+        y = y.float()
+        for i in range(x.shape[0]):
+            pos, neg = x[i][y[i] == 1], x[i][y[i] == 0]
+            total = total + torch.log(1 + torch.exp(neg[None, :] - pos[:, None]).sum())
+        return total / x.shape[0]
+    gamma_pos, gamma_neg, margin = {"FocalLoss": (3, 3, 0.0), "AsymmetricLoss": (0, 4, 0.05)}[name]
+    eps = 1e-8
+    los_pos = y * torch.log(p.clamp(min=eps)) * ((1 - p) ** gamma_pos)
+    p_m = (p - margin).clamp(min=0) if margin > 0 else p
+    los_neg = (1 - y) * torch.log((1 - p_m).clamp(min=eps)) * (p_m ** gamma_neg)
+    return -(los_pos + los_neg).mean()
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_each_loss_under_the_study_recipe_equals_the_studys_definition(name):
+    from recipes import resolve
+    from trainer import loss_from_config
+
+    config = resolve({**_config_defaults(), "recipe": "study", "loss_function": name, "model": "TinyResNet",
+                      "data": "Corel-5k"})
+    loss = loss_from_config(config)
+    x, y = _study_fixture()
+    ours_x = x.float().requires_grad_(True)
+    value = loss(ours_x, y.float())
+    value.backward()
+    ref_x = x.float().requires_grad_(True)
+    reference = _study_reference(name, ref_x, y)
+    reference.backward()
+    assert abs(value.item() - reference.item()) / abs(reference.item()) < 1e-6
+    # The gradient: relative error of the whole (16, 260) gradient below 1e-6, and entry by entry to float precision.
+    error = (ours_x.grad.double() - ref_x.grad.double()).norm() / ref_x.grad.double().norm()
+    assert error < 1e-6, float(error)
+    assert_close(ours_x.grad, ref_x.grad, rtol=1e-5, atol=1e-6 * float(ref_x.grad.abs().max()))
+
+
+def test_the_study_clamp_flattens_the_loss_of_a_hopeless_positive():
+    # A positive at logit -25 (p = 1.4e-11 < 1e-8): the study charges a flat -log(1e-8) = 18.42 and no gradient.
+    x = torch.tensor([[-25.0]], requires_grad=True)
+    y = torch.ones(1, 1)
+    study = AsymmetricLoss(eps=1e-8, detach_focusing=False, reduction="mean-all")(x, y)
+    study.backward()
+    assert study.item() == pytest.approx(-math.log(1e-8), rel=1e-6) and x.grad.item() == 0.0
+    exact = AsymmetricLoss()(x.detach(), y)
+    assert exact.item() == pytest.approx(25.0, rel=1e-6)
+
+
+def test_mean_all_divides_the_sum_by_every_entry():
+    x, y = _random_batch(3)
+    for name in sorted(LOSSES):
+        assert_close(create_loss(name, reduction="mean-all")(x, y), create_loss(name)(x, y) / x.numel())
+    assert_close(BCELoss(reduction="mean-all")(x, y), torch.nn.MultiLabelSoftMarginLoss()(x, y))
+
+
+def _config_defaults():
+    from main import config_defaults
+
+    return config_defaults()

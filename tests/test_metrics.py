@@ -3,6 +3,8 @@
 import json
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from sklearn.metrics import (
@@ -13,6 +15,7 @@ from sklearn.metrics import (
 from torch.testing import assert_close
 
 import metrics as M
+from metrics import binarize, compute_metrics
 
 SEEDS = [0, 1, 2]
 KEYS = [
@@ -262,3 +265,40 @@ def test_cuda_matches_cpu():
     grid = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     on_device = M.grid_confusion_counts(targets.to(device), probs.to(device), grid)
     assert_close(tuple(x.cpu() for x in on_device), M.grid_confusion_counts(targets, probs, grid))
+
+
+# ---------------------------------------------------------------- the study's rule: p > t and epsilon 1e-7
+
+def _study_metrics(y, p, thresholds, eps=1e-7):
+    """The study's evaluation_metrics.py in numpy: torch.gt, every ratio a / (b + eps), F1 = 2PR / (P + R + eps)."""
+    pred = (p > thresholds).astype(float)
+    tp_c, pred_c, true_c = (y * pred).sum(0), pred.sum(0), y.sum(0)
+    pc_p, pc_r = np.mean(tp_c / (pred_c + eps)), np.mean(tp_c / (true_c + eps))
+    pi_p, pi_r = (y * pred).sum() / (pred.sum() + eps), (y * pred).sum() / (y.sum() + eps)
+    f1 = lambda a, b: 2 * (a * b / (a + b + eps))  # noqa: E731
+    return {"per_class/precision": pc_p, "per_class/recall": pc_r, "per_class/f1": f1(pc_p, pc_r),
+            "per_image/precision": pi_p, "per_image/recall": pi_r, "per_image/f1": f1(pi_p, pi_r),
+            "N+": int((tp_c > 0).sum())}
+
+
+def test_strict_comparison_and_epsilon_reproduce_the_studys_metrics():
+    rng = np.random.default_rng(5)
+    y = (rng.random((60, 9)) < 0.3).astype(float)
+    y[:, 4] = 0  # a label without positives
+    p = np.round(rng.random((60, 9)), 2)  # many scores exactly on a grid threshold
+    thresholds = np.round(rng.choice(np.arange(5, 75, 5) / 100, 9), 2)
+    for t in (0.5, thresholds):
+        ours = compute_metrics(torch.tensor(y), torch.tensor(p), torch.tensor(t) if not isinstance(t, float) else t,
+                               strict=True, epsilon=1e-7)
+        reference = _study_metrics(y, p, t)
+        for key, value in reference.items():
+            assert ours[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+
+
+def test_strict_comparison_drops_exactly_the_scores_equal_to_their_threshold():
+    y = torch.tensor([[1, 0], [1, 1], [0, 1]])
+    p = torch.tensor([[0.5, 0.25], [0.75, 0.5], [0.5, 0.75]])
+    assert binarize(p, 0.5).tolist() == [[True, False], [True, True], [True, True]]
+    assert binarize(p, 0.5, strict=True).tolist() == [[False, False], [True, False], [False, True]]
+    assert compute_metrics(y, p, 0.5)["per_image/recall"] == 1.0
+    assert compute_metrics(y, p, 0.5, strict=True)["per_image/recall"] == 0.5

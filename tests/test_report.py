@@ -98,3 +98,63 @@ def test_train_then_evaluate_with_each_new_head(tiny_dataset, tmp_path, head):
         torch.testing.assert_close(state["head.adjacency"], label_adjacency(train.targets), rtol=0, atol=0)
     else:
         assert state["head.queries"].shape[0] == 5
+
+
+# ---------------------------------------------------------------- the study's thresholding through --evaluate
+
+def _constant_half_run(tiny_dataset, tmp_path):
+    """A trained run whose model then says p = 0.5 exactly for every label of every image (zero head)."""
+    cli(train_args(tiny_dataset, tmp_path / "runs", "--epochs", "1"))
+    (run,) = run_dirs(tmp_path / "runs")
+    ckpt = torch.load(run / "best.pth", weights_only=True)
+    ckpt["model"]["head.1.weight"].zero_()
+    ckpt["model"]["head.1.bias"].zero_()
+    torch.save(ckpt, run / "best.pth")
+    return run
+
+
+def _evaluate(run, *flags):
+    cli(["--evaluate", "--checkpoint", str(run), "--num-workers", "0", "--no-progress", *flags])
+    return json.loads((run / "results.json").read_text())
+
+
+def test_strict_comparison_and_the_first_point_fallback_through_evaluate(tiny_dataset, tmp_path):
+    run = _constant_half_run(tiny_dataset, tmp_path)
+    test = json.loads((tiny_dataset / "test.json").read_text())["samples"]
+    positives, cells = sum(len(s["image_labels"]) for s in test), len(test) * 5
+    # p >= 0.5: every label of every image is predicted; constant scores have MCC 0 everywhere, so fallback 0.5.
+    ge = _evaluate(run, "--threshold-compare", "ge", "--threshold-fallback", "default")
+    assert ge["default"]["per_image/recall"] == 1.0 and ge["default"]["per_image/precision"] == positives / cells
+    assert set(ge["thresholds"].values()) == {0.5} and ge["mcc"]["N+"] == 5
+    # p > 0.5: nothing is predicted, at 0.5 and with the fallback thresholds of 0.5.
+    gt = _evaluate(run, "--threshold-compare", "gt", "--threshold-fallback", "default")
+    assert gt["default"]["per_image/recall"] == 0.0 and gt["mcc"]["N+"] == 0 and gt["mcc"]["per_class/f1"] == 0.0
+    assert _predicted_labels(run, tiny_dataset, tmp_path) == 0  # --predict applies the saved rule: 0.5 > 0.5 is false
+    # The study's fallback: the grid's first point, 0.05, and 0.5 > 0.05 predicts everything again.
+    first = _evaluate(run, "--threshold-compare", "gt", "--threshold-fallback", "first")
+    assert set(first["thresholds"].values()) == {0.05} and first["mcc"]["per_image/recall"] == 1.0
+    assert first["run"]["threshold_compare"] == "gt" and first["run"]["threshold_fallback"] == "first"
+    assert _predicted_labels(run, tiny_dataset, tmp_path) == 5
+
+
+def _predicted_labels(run, data, tmp_path) -> int:
+    rows = main_module.main(main_module.get_args_parser().parse_args(
+        ["--predict", str(data / "images" / "10000.jpeg"), "--checkpoint", str(run), "--num-workers", "0",
+         "--no-progress", "--output", str(tmp_path / "p")]))
+    return len(rows[0]["labels"])
+
+
+def test_a_study_run_states_its_recipe_in_results_md(tiny_dataset, tmp_path):
+    cli(train_args(tiny_dataset, tmp_path / "runs", "--recipe", "study", "--epochs", "2"))
+    (run,) = run_dirs(tmp_path / "runs")
+    results = _evaluate(run)
+    assert results["run"]["threshold_split"] == "train" and results["run"]["threshold_transform"] == "train"
+    assert results["run"]["protocol"] == "study" and results["run"]["metric_epsilon"] == 1e-7
+    text = (run / "results.md").read_text()
+    for row in ("Recipe: study", "| loss reduction | mean over all images x labels", "| focusing weights | not detached",
+                "| log of probabilities | log(max(p, 1e-08))", "| flips | horizontal and vertical",
+                "| normalisation | dataset", "| schedule | OneCycleLR over 2.66667 epochs, trained 2",
+                "| weights tag | r160_in1k", "seed 1, shuffled once (scikit-learn, random_state 0), last partial batch kept",
+                "fitted on train (train transform), fallback first, predict p > t, metric epsilon 1e-07",
+                "| model selection | test set (every epoch)", "| input mean / std |"):
+        assert row in text, row

@@ -1,15 +1,19 @@
 """The training procedure (trainer.py) through real runs of main.py on a tiny generated dataset: resume after Ctrl-C
 equals the uninterrupted run, same seed = same metrics, non-finite loss, bad images, the optimiser and the recipe flags."""
+import csv
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import trainer
 from conftest import log_rows, run_dirs, train_args
 from main import cli, config_defaults, get_args_parser
+from recipes import resolve
 
 # A tiny hand-made label matrix: 5 images, 3 labels.
 Y = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=torch.float32)
@@ -156,13 +160,13 @@ def test_same_seed_with_randaugment_and_cutout_gives_identical_runs(tiny_dataset
 
 def test_weight_decay_skips_biases_and_norms_and_the_default_optimizer_is_the_studys():
     parser = get_args_parser()
-    config = vars(parser.parse_args(["--model", "TinyResNet", "--no-pretrained"]))
+    config = resolve({**vars(parser.parse_args(["--model", "TinyResNet", "--no-pretrained"])), "data": "x"})
     _, _, optimizer, _, _ = trainer.build_training(config, torch.device("cpu"), 5, steps_per_epoch=2)
     assert type(optimizer) is torch.optim.Adam and len(optimizer.param_groups) == 1
     assert optimizer.param_groups[0]["weight_decay"] == 0
 
-    config = vars(parser.parse_args(["--model", "TinyResNet", "--no-pretrained", "--optimizer", "adamw",
-                                     "--weight-decay", "1e-4", "--head", "gcn"]))
+    config = resolve({**vars(parser.parse_args(["--model", "TinyResNet", "--no-pretrained", "--optimizer", "adamw",
+                                                "--weight-decay", "1e-4", "--head", "gcn"])), "data": "x"})
     model, _, optimizer, _, _ = trainer.build_training(config, torch.device("cpu"), 5, steps_per_epoch=2,
                                                        train_targets=Y[:, [0, 1, 2, 0, 1]])
     assert type(optimizer) is torch.optim.AdamW
@@ -203,9 +207,63 @@ def test_the_benchmarks_train_with_main_py_defaults():
         import bench_config
     finally:
         sys.path.pop(0)
-    defaults = config_defaults()
+    defaults = resolve({**config_defaults(), "model": "TResNet", "data": "demo"})
     for key, value in bench_config.TRAINING.items():
         if key not in bench_config.OVERRIDDEN:
             assert defaults[key] == value, key
     model, *_ = trainer.build_training(bench_config.training_config("TinyResNet"), torch.device("cpu"), 5, 4)
     assert model.head[1].out_features == 5
+
+
+# ---------------------------------------------------------------- the study's recipe
+
+def test_the_study_schedule_is_onecycle_over_80_epochs_stopped_after_60():
+    config = resolve({**config_defaults(), "recipe": "study", "model": "TinyResNet", "data": "x", "pretrained": False})
+    steps_per_epoch = 3
+    _, _, optimizer, scheduler, _ = trainer.build_training(config, torch.device("cpu"), 5, steps_per_epoch)
+    # The study's call: OneCycleLR(optimizer, max_lr, steps_per_epoch, epochs=80, pct_start=0.2) on plain Adam.
+    reference_optimizer = torch.optim.Adam(torch.nn.Linear(1, 1).parameters(), lr=config["learning_rate"])
+    reference = torch.optim.lr_scheduler.OneCycleLR(reference_optimizer, max_lr=config["learning_rate"],
+                                                    steps_per_epoch=steps_per_epoch, epochs=80, pct_start=0.2)
+    assert config["epochs"] == 60 and scheduler.total_steps == reference.total_steps == 240
+    for _ in range(60 * steps_per_epoch):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(reference_optimizer.param_groups[0]["lr"], rel=1e-12)
+        assert optimizer.param_groups[0]["betas"] == pytest.approx(reference_optimizer.param_groups[0]["betas"])
+        optimizer.step()
+        reference_optimizer.step()
+        scheduler.step()
+        reference.step()
+    assert optimizer.param_groups[0]["lr"] > 1e-3 * config["learning_rate"]  # stopped before the schedule's end
+
+
+def test_a_study_run_trains_its_epochs_on_its_schedule_and_saves_every_row(tiny_dataset, tmp_path):
+    cli(train_args(tiny_dataset, tmp_path / "runs", "--recipe", "study", "--epochs", "3", "--batch-size", "5"))
+    (run,) = run_dirs(tmp_path / "runs")
+    config = json.loads((run / "config.json").read_text())
+    assert config["recipe"] == "study" and config["epochs"] == 3 and config["schedule_epochs"] == pytest.approx(4.0)
+    study = {"seed": 1, "select_on_test": True, "detach_focusing": False, "loss_eps": 1e-8, "flip": True,
+             "vertical_flip": True, "drop_last": False, "shuffle_once": True, "threshold_split": "train",
+             "threshold_transform": "train", "threshold_fallback": "first", "threshold_compare": "gt",
+             "metric_epsilon": 1e-7, "loss_reduction": "mean-all", "normalise": ["dataset"],
+             "weights_tag": "r160_in1k"}
+    assert {k: config[k] for k in study} == study
+    # 24 training images (no validation split) in batches of 5: 5 steps per epoch, the last one partial (kept).
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    reference_optimizer = torch.optim.Adam(torch.nn.Linear(1, 1).parameters(), lr=3e-3)
+    reference = torch.optim.lr_scheduler.OneCycleLR(reference_optimizer, max_lr=3e-3, total_steps=20, pct_start=0.2)
+    lrs = []
+    for _ in range(15):
+        reference_optimizer.step()
+        reference.step()
+        lrs.append(reference_optimizer.param_groups[0]["lr"])
+    assert [float(r["lr"]) for r in rows] == pytest.approx([lrs[4], lrs[9], lrs[14]], rel=1e-9)
+    state = torch.load(run / "best.pth", weights_only=True)
+    train = [p for p in (tiny_dataset / "images").iterdir() if int(p.stem) < 10_000]
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32), Image.BILINEAR)) for p in train]) / 255
+    np.testing.assert_allclose(state["normalisation"]["mean"], pixels.mean(axis=(0, 1, 2)), atol=1e-5)
+
+
+def test_keeping_the_last_batch_drops_only_a_batch_of_one(capsys):
+    assert trainer._drop_last(True, 24, 5) is True and trainer._drop_last(True, 3, 5) is False
+    assert trainer._drop_last(False, 24, 5) is False
+    assert trainer._drop_last(False, 21, 5) is True and "last batch of one image" in capsys.readouterr().out

@@ -1,0 +1,74 @@
+"""Recipes (recipes.py): `--recipe study` sets every row of the study's table, an explicit flag wins, the default
+recipe is what the repository did before recipes existed."""
+import pytest
+
+from main import config_defaults, get_args_parser
+from recipes import RECIPE_KEYS, RECIPES, resolve
+from utils import UserError
+
+# Every row of README "Differences from the study", as the study's code has it.
+STUDY = {"seed": 1, "select_on_test": True, "epochs": 60, "schedule_epochs": 80.0, "detach_focusing": False,
+         "loss_eps": 1e-8, "flip": True, "vertical_flip": True, "drop_last": False, "shuffle_once": True,
+         "threshold_split": "train", "threshold_transform": "train", "threshold_fallback": "first",
+         "threshold_compare": "gt", "metric_epsilon": 1e-7}
+
+
+def parsed(*argv, model="TResNet", data="Corel-5k"):
+    return resolve({**vars(get_args_parser().parse_args(list(argv))), "model": model, "data": data})
+
+
+def test_the_study_recipe_sets_every_row_of_the_table():
+    config = parsed("--recipe", "study")
+    assert {k: config[k] for k in STUDY} == STUDY
+    assert config["loss_reduction"] == "mean-all" and config["normalise"] == ["corel5k"]
+    assert config["weights_tag"] == "miil_in1k"
+
+
+@pytest.mark.parametrize("model, tag", [("ResNet101", "tv_in1k"), ("ResNeXt50", "tv_in1k"), ("Xception", "tf_in1k"),
+                                        ("TResNet", "miil_in1k"), ("TinyResNet", "r160_in1k")])
+def test_the_study_recipe_loads_the_weights_the_study_loaded(model, tag):
+    assert parsed("--recipe", "study", model=model)["weights_tag"] == tag
+
+
+def test_the_study_recipe_follows_the_loss_and_the_dataset():
+    lsep = parsed("--recipe", "study", "--loss-function", "LSEPLoss", data="data/demo")
+    assert lsep["loss_reduction"] == "mean"  # the study's LSEP divides its per-image sum by B
+    assert lsep["loss_eps"] is None and lsep["detach_focusing"] is None  # LSEP has neither option
+    assert lsep["normalise"] == ["dataset"]  # not Corel-5k: the training split's own statistics
+    assert parsed("--recipe", "study", data="/somewhere/Corel-5k/")["normalise"] == ["corel5k"]
+    assert parsed("--recipe", "study", "--epochs", "3")["schedule_epochs"] == pytest.approx(4.0)
+
+
+def test_an_explicit_flag_wins_over_the_recipe():
+    config = parsed("--recipe", "study", "--seed", "0", "--no-vertical-flip", "--detach-focusing", "--select-on-test",
+                    "--loss-reduction", "sum", "--epochs", "5", "--schedule-epochs", "5", "--normalise", "backbone",
+                    "--weights-tag", "miil_in21k")
+    assert (config["seed"], config["vertical_flip"], config["detach_focusing"], config["loss_reduction"]) == \
+        (0, False, True, "sum")
+    assert (config["epochs"], config["schedule_epochs"], config["normalise"], config["weights_tag"]) == \
+        (5, 5.0, ["backbone"], "miil_in21k")
+    assert parsed("--no-select-on-test", "--recipe", "study")["select_on_test"] is False
+
+
+def test_the_default_recipe_is_what_the_repository_did_before_recipes():
+    config = parsed()
+    assert (config["seed"], config["epochs"], config["schedule_epochs"], config["loss_reduction"]) == (0, 40, 40.0, "sum")
+    assert config["detach_focusing"] is True and config["loss_eps"] == 0.0 and config["flip"] is True
+    assert config["vertical_flip"] is False and config["normalise"] == ["backbone"] and config["drop_last"] is True
+    assert config["threshold_split"] == "val" and config["threshold_fallback"] == "default"
+    assert config["threshold_compare"] == "ge" and config["metric_epsilon"] == 0.0
+    assert config["weights_tag"] == "miil_in21k_ft_in1k"  # timm's default, named
+    assert parsed("--select-on-test")["threshold_split"] == "train"  # as before: the study's split with its protocol
+
+
+def test_resolution_is_idempotent_and_every_recipe_flag_defaults_to_none():
+    defaults = config_defaults()
+    assert all(defaults[key] is None for key in RECIPE_KEYS)
+    assert set(RECIPES["study"]) == set(RECIPE_KEYS)
+    config = parsed("--recipe", "study")
+    assert resolve(config) == config
+
+
+def test_a_schedule_shorter_than_the_training_is_refused():
+    with pytest.raises(UserError, match="--schedule-epochs 3 is shorter than --epochs 4"):
+        parsed("--epochs", "4", "--schedule-epochs", "3")
