@@ -108,9 +108,10 @@ def read_annotations(path: str | Path, require_labels: bool = True) -> tuple[lis
     for i, s in enumerate(data["samples"]):
         if (not isinstance(s, dict) or not isinstance(s.get("image_name"), str)
                 or not isinstance(s.get("image_labels"), list)
-                or not all(isinstance(label, str) for label in s["image_labels"])):
+                or not all(isinstance(label, str) for label in s["image_labels"])
+                or not isinstance(s.get("original", ""), str)):
             raise DatasetError(f"Annotation file '{path}': sample {i} ({str(s)[:80]}) needs a string \"image_name\" "
-                               f"and a list of strings \"image_labels\".")
+                               f"and a list of strings \"image_labels\" (and \"original\", if given, a string).")
     return data["samples"], vocabulary
 
 
@@ -146,20 +147,39 @@ def locate_images(root: Path, names: Sequence[str]) -> list[Path | None]:
 
 @dataclass
 class Split:
-    """One split: image names, their files and multi-hot targets (N, C)."""
+    """One split: image names, their files and multi-hot targets (N, C); `sources[i]` names the original a GAN copy
+    was generated from (None for an original image)."""
 
     name: str
     image_names: list[str]
     paths: list[Path]
     targets: torch.Tensor
     skipped: list[str] = field(default_factory=list)  # listed images that were missing and skipped
+    sources: list[str | None] | None = None  # None: every row is an original
+
+    def __post_init__(self) -> None:
+        if self.sources is None:
+            self.sources = [None] * len(self.image_names)
 
     def __len__(self) -> int:
         return len(self.image_names)
 
-    def subset(self, indices: Sequence[int], name: str) -> "Split":
+    @property
+    def generated(self) -> torch.Tensor:
+        """(N,) bool: which rows are GAN copies."""
+        return torch.tensor([s is not None for s in self.sources], dtype=torch.bool)
+
+    def subset(self, indices: Sequence[int], name: str, keep_skipped: bool = False) -> "Split":
+        """Rows `indices` (in that order) as a split called `name`; it inherits the list of skipped images only
+        with `keep_skipped` (the part that stands for the whole)."""
         idx = list(indices)
-        return Split(name, [self.image_names[i] for i in idx], [self.paths[i] for i in idx], self.targets[idx])
+        return Split(name, [self.image_names[i] for i in idx], [self.paths[i] for i in idx], self.targets[idx],
+                     list(self.skipped) if keep_skipped else [], [self.sources[i] for i in idx])
+
+    def __add__(self, other: "Split") -> "Split":
+        return Split(self.name, self.image_names + other.image_names, self.paths + other.paths,
+                     torch.cat([self.targets, other.targets]), self.skipped + other.skipped,
+                     self.sources + other.sources)
 
 
 @dataclass
@@ -199,9 +219,14 @@ def _make_split(root: Path, filename: str, vocabulary: list[str], skip_missing: 
             f"{root / 'aug-images'} (first few: {', '.join(missing[:FIRST_FEW])}); add the images, or pass "
             f"--skip-bad-images to train without them.")
     keep = [i for i, p in enumerate(paths) if p is not None]
-    split = Split(name, [names[i] for i in keep], [paths[i] for i in keep], targets[keep])
-    split.skipped = missing
-    return split
+    sources = [_source(samples[i]) for i in keep] if not require_labels else None
+    return Split(name, [names[i] for i in keep], [paths[i] for i in keep], targets[keep], missing, sources)
+
+
+def _source(sample: dict) -> str:
+    """The original image of a GAN copy: its "original" field (written by DataAugmentation), else derived from the
+    study's naming ('1000_aug_rot_90.jpeg' -> '1000.jpeg'), which only holds for .jpeg/.jpg originals."""
+    return sample.get("original") or original_name(sample["image_name"])
 
 
 def original_name(image_name: str) -> str:
@@ -233,35 +258,43 @@ def load_dataset(root: Path, augmentation: bool = False, val_size: int = 500, se
                                f"{len(train)} usable images); or pass --select-on-test for the study's protocol.")
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
         val = train.subset(sorted(order[:val_size]), "val")
-        train, skipped = train.subset(sorted(order[val_size:]), "train"), train.skipped
-        train.skipped = skipped
+        train = train.subset(sorted(order[val_size:]), "train", keep_skipped=True)
         protocol = "holdout"
     if augmentation:
         aug = _make_split(root, "train_aug.json", vocabulary, skip_missing, "train_aug", require_labels=False)
         # Drop GAN copies of validation images: they would leak validation content into training.
         held_out = set(val.image_names) if protocol == "holdout" else set()
-        keep = [i for i, n in enumerate(aug.image_names) if original_name(n) not in held_out]
-        aug_kept = aug.subset(keep, "train_aug")
-        skipped = train.skipped + aug.skipped
-        train = Split("train", train.image_names + aug_kept.image_names, train.paths + aug_kept.paths,
-                      torch.cat([train.targets, aug_kept.targets]), skipped)
+        kept = aug.subset([i for i, src in enumerate(aug.sources) if src not in held_out], "train_aug")
+        kept.skipped = aug.skipped
+        train = train + kept
     if shuffle_once:
         from sklearn.utils import shuffle  # the study's own call, so the permutation is the study's
 
-        skipped = train.skipped
-        train = train.subset(shuffle(np.arange(len(train)), random_state=0).tolist(), "train")
-        train.skipped = skipped
+        train = train.subset(shuffle(np.arange(len(train)), random_state=0).tolist(), "train", keep_skipped=True)
     return DatasetSplits(root, vocabulary, train, val, test, protocol)
 
 
+# Integer greyscale modes whose values run to 65535 (16-bit PNG/TIFF): PIL's own conversion to RGB clips them at 255.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB of any PIL mode: 16-bit greyscale scaled to 8 bits (v / 257, so 65535 -> 255), palette transparency
+    through RGBA, everything else by PIL's conversion (CMYK, L, P, RGBA: alpha dropped)."""
+    if im.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(im, dtype=np.float64)  # (H, W) in 0..65535
+        im = Image.fromarray(np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8), mode="L")
+    elif im.mode == "P" and "transparency" in im.info:
+        # Palette images with transparency must pass through RGBA, or PIL warns and may pick wrong colours.
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
 def load_image(path: str | Path, image_size: int) -> torch.Tensor:
-    """Decode one image to RGB, resize it to (image_size, image_size) bilinearly; uint8 tensor (3, S, S)."""
+    """Decode one image to RGB (see `to_rgb`), resize it to (image_size, image_size) bilinearly; uint8 (3, S, S)."""
     try:
         with Image.open(path) as im:
-            # Palette images with transparency must pass through RGBA, or PIL warns and may pick wrong colours.
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            im = to_rgb(im).resize((image_size, image_size), Image.BILINEAR)
             array = np.asarray(im, dtype=np.uint8)  # (S, S, 3)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImageError(f"Image '{path}' cannot be read ({type(e).__name__}: {e}); replace the file, or pass "

@@ -114,16 +114,21 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
                     device: torch.device, preprocess: BatchPreprocessor, *, epoch: int,
                     flips: torch.Tensor | None = None, scheduler=None, scaler: torch.amp.GradScaler | None = None,
                     ema=None, state: EpochProgress | None = None, progress: bool = True,
-                    bad_images: list | None = None) -> dict[str, float]:
+                    bad_images: list | None = None, freeze_bn: bool = False) -> dict[str, float]:
     """One pass over `loader`; returns {'train/loss': mean loss per image, 'train/images_per_s', 'lr'}.
 
     `flips` (N,) bool: per-image horizontal flips for this epoch (None = no flips). `state` is updated after
     every batch, so a caller that catches KeyboardInterrupt knows how far the epoch got; a resumed epoch passes
     the saved state and a loader that starts at `state.step`. Steps the scheduler per batch (OneCycleLR).
     Indices of unreadable images skipped by the loader are appended to `bad_images`. Raises
-    NonFiniteLossError naming the epoch and batch if the loss is NaN or infinite.
+    NonFiniteLossError naming the epoch and batch if the loss is NaN or infinite. `freeze_bn` keeps the BatchNorm
+    layers in eval mode (running statistics fixed and used; their affine parameters still train).
     """
     model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     state = state if state is not None else EpochProgress()
     start, seen_before = time.perf_counter(), state.seen
     bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, disable=not progress, dynamic_ncols=True,

@@ -31,7 +31,7 @@ import PIL
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import AnnotationDataset, BadImageError, Split, load_image, split_fingerprint
+from dataset import AnnotationDataset, BadImageError, Split, load_image, split_fingerprint, to_rgb
 from utils import UserError, atomic_write_json
 
 MODES = ("auto", "memory", "disk", "none")
@@ -63,8 +63,8 @@ def _code_fingerprint(code: types.CodeType) -> str:
 
 
 def _decoder_identity() -> str:
-    """What decides the decoded pixels besides the files: load_image's code and the Pillow version."""
-    return f"{_code_fingerprint(load_image.__code__)}|Pillow {PIL.__version__}"
+    """What decides the decoded pixels besides the files: the code of load_image and to_rgb, the Pillow version."""
+    return f"{_code_fingerprint(load_image.__code__)}|{_code_fingerprint(to_rgb.__code__)}|Pillow {PIL.__version__}"
 
 
 def cache_key(split: Split, image_size: int) -> str:

@@ -46,6 +46,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, choices=sorted(MODELS),
                    help=f"backbone (default: {DEFAULT_MODEL}; with --checkpoint, the checkpoint's, and a different one is refused)")
     g.add_argument("--global-pooling", default="avg", choices=["avg", "max"], help="pooling before the head")
+    g.add_argument("--dropout", type=float, default=0.3, help="dropout before the head (the study's 0.3)")
+    g.add_argument("--freeze-bn", action="store_true",
+                   help="keep BatchNorm layers in eval mode while training: their running statistics (from the "
+                        "pretrained weights) stay fixed and batches do not change them; their scale and shift train")
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="train from scratch instead of ImageNet weights (the default downloads them)")
     g.add_argument("--weights", default=None, metavar="PATH", help="local ImageNet weight file for the backbone (offline)")
@@ -239,6 +243,8 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append(f"--gcn-p must be in [0, 1] (got {args.gcn_p})")
     if args.label_embeddings != "learned" and args.head != "gcn":
         problems.append(f"--label-embeddings {args.label_embeddings} is for --head gcn (got --head {args.head})")
+    if not 0 <= args.dropout < 1:
+        problems.append(f"--dropout must be in [0, 1) (got {args.dropout})")
     if not 0 <= args.cutout <= 1:
         problems.append(f"--cutout must be a fraction of the image side in [0, 1] (got {args.cutout}; ASL uses 0.5)")
     if not args.weight_decay >= 0 or not math.isfinite(args.weight_decay):

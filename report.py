@@ -4,8 +4,9 @@
 default), and writes under the run directory:
   results.json   {"default": metrics at 0.5, "mcc": metrics with fitted thresholds, "thresholds": {label: t}, "run": ...}
   results.md     the study's tables (per-image, per-class, per-class + MCC, N+, N+ + MCC) and mAP
-  per_label.csv  label, train/test frequency, threshold, precision, recall, F1, AP
-  predictions.png  test images titled with ground truth and predicted labels (0.5 and fitted thresholds)
+  per_label.csv  label, train frequency (originals; GAN copies apart), test frequency, threshold, P, R, F1, AP
+  evaluation.npz the per-image probabilities and targets of the threshold split and the test set (recompute anything)
+  predictions.png  test images titled with the truth and the predictions (0.5 and fitted), each marked right/wrong
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ from PIL import Image
 
 from checkpoint import (CheckpointError, check_model, check_vocabulary, find_latest_run, load_checkpoint, load_config,
                         save_checkpoint)
-from dataset import DEFAULT_DATA, BadImageError, Split
+from dataset import DEFAULT_DATA, BadImageError, Split, to_rgb
 from distributed import World, get_device, init_distributed
 from engine import BatchPreprocessor, predict, resolve_precision
-from metrics import compute_metrics, per_label_metrics
+from metrics import binarize, compute_metrics, per_label_metrics
 from models import DEFAULT_MODEL, normalisation
 from thresholds import DEFAULT_GRID, fit_thresholds
 from recipes import EVALUATION_KEYS, describe, resolve
@@ -78,7 +79,7 @@ def markdown_tables(results: dict) -> str:
     """The study's tables as markdown: one row per thresholding, the study's columns."""
     header = "| Thresholds | " + " | ".join(name for _, name in METRIC_ROWS) + " |"
     lines = [header, "|" + "---|" * (len(METRIC_ROWS) + 1)]
-    for key, name in (("default", "0.5"), ("mcc", results["run"].get("threshold_method", "mcc").upper())):
+    for key, name in (("default", "0.5"), ("mcc", results["run"]["threshold_method"].upper())):
         lines.append(f"| {name} | " + " | ".join(_format(results[key][k]) for k, _ in METRIC_ROWS) + " |")
     return "\n".join(lines)
 
@@ -101,50 +102,67 @@ def _results_markdown(results: dict) -> str:
             f"({results['default']['per_class/f1_mean_per_label']:.4f} at 0.5). mAP is in percent.\n")
 
 
-def _labels_of(row: torch.Tensor, vocabulary: list[str], scores: torch.Tensor | None = None) -> list[str]:
-    idx = row.nonzero().flatten().tolist()
-    if scores is not None:
-        idx.sort(key=lambda j: -float(scores[j]))
-    return [vocabulary[j] for j in idx]
+def marked_labels(scores: torch.Tensor, predicted: torch.Tensor, truth: torch.Tensor, vocabulary: list[str]) -> str:
+    """The predicted labels, highest score first, each marked right (✓) or wrong (✗), then the missed true labels."""
+    chosen = sorted(predicted.nonzero().flatten().tolist(), key=lambda j: -float(scores[j]))
+    marked = [f"{vocabulary[j]} {'✓' if truth[j] else '✗'}" for j in chosen]
+    missed = [vocabulary[j] for j in (truth.bool() & ~predicted).nonzero().flatten().tolist()]
+    return (", ".join(marked) or "-") + (f"; missed: {', '.join(missed)}" if missed else "")
+
+
+def figure_panels(split: Split, probs: torch.Tensor, indices: torch.Tensor, thresholds: torch.Tensor,
+                  vocabulary: list[str], count: int = 12, strict: bool = False) -> list[dict]:
+    """What each panel of predictions.png shows, for the first `count` images of `split`: its name and path, the
+    truth, and the predictions at 0.5 and at `thresholds` marked right or wrong. Row r of `probs` (R, C) belongs to
+    split image indices[r]; an image with no row (unreadable, skipped) says so instead of borrowing another's."""
+    row_of = {int(i): r for r, i in enumerate(indices.tolist())}
+    panels = []
+    for i in range(min(count, len(split))):
+        truth = split.targets[i].bool()  # (C,)
+        panel = {"name": split.image_names[i], "path": split.paths[i],
+                 "truth": ", ".join(vocabulary[j] for j in truth.nonzero().flatten().tolist()) or "-"}
+        if i not in row_of:
+            panels.append({**panel, "readable": False})
+            continue
+        p = probs[row_of[i]]  # (C,)
+        half, fitted = binarize(p[None], 0.5, strict)[0], binarize(p[None], thresholds, strict)[0]
+        panels.append({**panel, "readable": True, "at_half": marked_labels(p, half, truth, vocabulary),
+                       "fitted": marked_labels(p, fitted, truth, vocabulary)})
+    return panels
 
 
 def display_image(path: Path, longest_side: int = 320):
     """The image as an RGB uint8 array (H, W, 3) at its own aspect ratio, for figures."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im)
             im.thumbnail((longest_side, longest_side))
             return np.asarray(im)
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImageError(f"Image '{path}' cannot be read ({type(e).__name__}: {e}).") from None
 
 
-def predictions_figure(split: Split, probs: torch.Tensor, thresholds: torch.Tensor, vocabulary: list[str],
-                       count: int = 12, columns: int = 4) -> bytes:
-    """PNG bytes: a grid of the first `count` images, titled with truth and predictions at 0.5 and at `thresholds`."""
+def predictions_figure(panels: list[dict], method: str = "mcc", columns: int = 4) -> bytes:
+    """PNG bytes: a grid of the `figure_panels`, each image titled with its truth and its marked predictions."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    count = min(count, len(split))
-    rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.4 * rows), squeeze=False)
+    rows = max(math.ceil(len(panels) / columns), 1)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for i in range(count):
-        ax = axes.flat[i]
-        try:
-            image = display_image(split.paths[i])
-        except BadImageError:
-            continue
-        ax.imshow(image)
-        truth = ", ".join(_labels_of(split.targets[i], vocabulary))
-        at_half = ", ".join(_labels_of(probs[i] >= 0.5, vocabulary, probs[i])) or "-"
-        fitted = ", ".join(_labels_of(probs[i] >= thresholds, vocabulary, probs[i])) or "-"
-        lines = [split.image_names[i], f"truth: {truth}", f"@0.5: {at_half}", f"MCC: {fitted}"]
+    for ax, panel in zip(axes.flat, panels):
+        if panel["readable"]:
+            ax.imshow(display_image(panel["path"]))
+            lines = [panel["name"], f"truth: {panel['truth']}", f"@0.5: {panel['at_half']}",
+                     f"{method.upper()}: {panel['fitted']}"]
+        else:
+            lines = [panel["name"], "unreadable: skipped (--skip-bad-images)", f"truth: {panel['truth']}"]
         ax.set_title("\n".join(textwrap.fill(line, 52, subsequent_indent="    ") for line in lines), fontsize=8,
                      loc="left")
+    fig.suptitle("✓ right, ✗ wrong; missed: true labels not predicted", fontsize=9)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
@@ -157,10 +175,15 @@ def predict_split(model, split: Split, config: dict, args: argparse.Namespace, w
     """{'probs', 'targets' (N, C), 'bad' (indices of unreadable images)} of `split`, rows in split order; `flips`
     (N, 2) flips the images first."""
     loader = eval_loader(split, config["image_size"], args.batch_size, args.num_workers, world, device,
-                         args.skip_bad_images)
+                         skip_bad_images(args, config))
     out = predict(model, loader, device, preprocess, desc=split.name, progress=args.progress and world.is_main,
                   flips=flips)
-    return {"probs": out["probs"], "targets": out["targets"], "bad": out["bad"]}
+    return {"probs": out["probs"], "targets": out["targets"], "indices": out["indices"], "bad": out["bad"]}
+
+
+def skip_bad_images(args: argparse.Namespace, config: dict) -> bool:
+    """Evaluation's one rule: skip missing or unreadable images when this command or the run's training asked to."""
+    return bool(args.skip_bad_images or config["skip_bad_images"])
 
 
 def run_metadata(run_dir: Path, config: dict, ckpt: dict, data, settings: dict) -> dict:
@@ -175,14 +198,15 @@ def run_metadata(run_dir: Path, config: dict, ckpt: dict, data, settings: dict) 
 
 
 def fit_run_thresholds(model, data, config: dict, settings: dict, args: argparse.Namespace, world: World,
-                       device: torch.device, preprocess: BatchPreprocessor) -> torch.Tensor:
-    """Per-label thresholds (C,) fitted on the threshold split (its training flips under --threshold-transform
-    train, drawn for the epoch after the last trained one)."""
+                       device: torch.device, preprocess: BatchPreprocessor) -> tuple[torch.Tensor, dict]:
+    """(per-label thresholds (C,), the predictions they were fitted on) on the threshold split, through its
+    training flips under --threshold-transform train (drawn for the epoch after the last trained one)."""
     split = data.train if settings["threshold_split"] == "train" else data.val
     flips = training_flips(config, len(split), config["epochs"]) if settings["threshold_transform"] == "train" else None
     fitted = predict_split(model, split, config, args, world, device, preprocess, flips)
-    return fit_thresholds(settings["threshold_method"], fitted["targets"], fitted["probs"], grid=settings["grid"],
-                          fallback=settings["threshold_fallback"]).float()  # (C,)
+    thresholds = fit_thresholds(settings["threshold_method"], fitted["targets"], fitted["probs"], grid=settings["grid"],
+                                fallback=settings["threshold_fallback"]).float()  # (C,)
+    return thresholds, {**fitted, "split": split}
 
 
 def score_test_set(test: dict, thresholds: torch.Tensor, settings: dict) -> dict:
@@ -197,13 +221,12 @@ def evaluate_run(args: argparse.Namespace, defaults: dict) -> dict:
     run_dir = _run_dir(args)
     world, device = init_distributed(get_device(args.device))
     model, ckpt, config = load_run_model(run_dir, args.model, defaults, device)
-    data = load_data(config["data"] if args.data is None else args.data, config,
-                     args.skip_bad_images or config["skip_bad_images"], world)
+    data = load_data(config["data"] if args.data is None else args.data, config, skip_bad_images(args, config), world)
     check_vocabulary(ckpt["vocabulary"], data.vocabulary, run_dir / "best.pth")
     preprocess = run_preprocessor(model, ckpt, args, device)
     settings = evaluation_settings(args, config)
-    thresholds = fit_run_thresholds(model, data, config, settings, args, world, device, preprocess)
-    test = predict_split(model, data.test, config, args, world, device, preprocess)
+    thresholds, fitted = fit_run_thresholds(model, data, config, settings, args, world, device, preprocess)
+    test = {**predict_split(model, data.test, config, args, world, device, preprocess), "split": data.test}
     if len(test["bad"]) and world.is_main:
         print(f"Skipped {len(test['bad'])} unreadable test images; the figures cover the remaining "
               f"{len(test['probs'])}.", flush=True)
@@ -212,7 +235,7 @@ def evaluate_run(args: argparse.Namespace, defaults: dict) -> dict:
                "run": run_metadata(run_dir, config, ckpt, data, settings)}
     if not world.is_main:
         return results
-    write_report(run_dir, results, data, test, thresholds)
+    write_report(run_dir, results, data, {"fit": fitted, "test": test}, thresholds)
     # Keep the fitted thresholds (and their comparison rule) with the weights, so --predict applies them.
     save_checkpoint(run_dir / "best.pth", {**ckpt, "thresholds": thresholds, "threshold_method": args.threshold_method,
                                            "threshold_compare": settings["threshold_compare"]})
@@ -223,23 +246,50 @@ def evaluate_run(args: argparse.Namespace, defaults: dict) -> dict:
     return results
 
 
-def write_report(run_dir: Path, results: dict, data, test: dict, thresholds: torch.Tensor) -> None:
-    atomic_write_json(run_dir / "results.json", results)
-    atomic_write_text(run_dir / "results.md", _results_markdown(results))
-    per_label = per_label_metrics(test["targets"], test["probs"], thresholds)
-    train_freq = data.train.targets.sum(0).long().tolist()
+def per_label_csv(vocabulary: list[str], train: Split, test: dict, thresholds: torch.Tensor, strict: bool) -> str:
+    """per_label.csv: each label's training images (originals; GAN copies in their own column), test images, fitted
+    threshold, and its test precision, recall, F1 (under the evaluation's rule) and AP."""
+    per_label = per_label_metrics(test["targets"], test["probs"], thresholds, strict)
+    generated = train.generated  # (N,) bool
+    originals = train.targets[~generated].sum(0).long().tolist()
+    copies = train.targets[generated].sum(0).long().tolist()
     test_freq = test["targets"].sum(0).long().tolist()
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["label", "train_frequency", "test_frequency", "threshold", "precision", "recall", "f1", "ap"])
-    for j, label in enumerate(data.vocabulary):
+    writer.writerow(["label", "train_frequency", "train_gan_copies", "test_frequency", "threshold", "precision",
+                     "recall", "f1", "ap"])
+    for j, label in enumerate(vocabulary):
         ap = float(per_label["ap"][j])
-        writer.writerow([label, train_freq[j], test_freq[j], f"{float(thresholds[j]):.2f}",
+        writer.writerow([label, originals[j], copies[j], test_freq[j], f"{float(thresholds[j]):.6g}",
                          f"{float(per_label['precision'][j]):.4f}", f"{float(per_label['recall'][j]):.4f}",
                          f"{float(per_label['f1'][j]):.4f}", "" if math.isnan(ap) else f"{ap:.4f}"])
-    atomic_write_text(run_dir / "per_label.csv", buffer.getvalue())
-    atomic_write_bytes(run_dir / "predictions.png",
-                       predictions_figure(data.test, test["probs"], thresholds, data.vocabulary))
+    return buffer.getvalue()
+
+
+def evaluation_arrays(vocabulary: list[str], predictions: dict, thresholds: torch.Tensor) -> bytes:
+    """evaluation.npz: what --evaluate measured, so every figure can be recomputed. `<part>_images` (N,) names,
+    `<part>_probs` (N, C) float32, `<part>_targets` (N, C) uint8 for part = fit (the threshold split) and test, in
+    split order, unreadable images left out; `labels` (C,) and `thresholds` (C,)."""
+    arrays = {"labels": np.array(vocabulary), "thresholds": thresholds.numpy().astype(np.float32)}
+    for part, out in predictions.items():
+        arrays[f"{part}_images"] = np.array([out["split"].image_names[i] for i in out["indices"].tolist()])
+        arrays[f"{part}_probs"] = out["probs"].numpy().astype(np.float32)
+        arrays[f"{part}_targets"] = out["targets"].numpy().astype(np.uint8)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def write_report(run_dir: Path, results: dict, data, predictions: dict, thresholds: torch.Tensor) -> None:
+    """results.json, results.md, per_label.csv, evaluation.npz and predictions.png, each written atomically."""
+    strict = results["run"]["threshold_compare"] == "gt"
+    test = predictions["test"]
+    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_text(run_dir / "results.md", _results_markdown(results))
+    atomic_write_text(run_dir / "per_label.csv", per_label_csv(data.vocabulary, data.train, test, thresholds, strict))
+    atomic_write_bytes(run_dir / "evaluation.npz", evaluation_arrays(data.vocabulary, predictions, thresholds))
+    panels = figure_panels(data.test, test["probs"], test["indices"], thresholds, data.vocabulary, strict=strict)
+    atomic_write_bytes(run_dir / "predictions.png", predictions_figure(panels, results["run"]["threshold_method"]))
 
 
 def _image_files(path: Path) -> list[Path]:

@@ -137,7 +137,8 @@ def model_from_config(config: Mapping[str, Any], num_classes: int, train_targets
     return create_model(config["model"], num_classes,
                         pretrained=config["pretrained"] if pretrained is None else pretrained,
                         weights=config["weights"] if pretrained is None else None, weights_tag=config["weights_tag"],
-                        global_pooling=config["global_pooling"], head=config["head"], head_options=options)
+                        global_pooling=config["global_pooling"], dropout=config["dropout"], head=config["head"],
+                        head_options=options)
 
 
 def loss_from_config(config: Mapping[str, Any]):
@@ -314,7 +315,8 @@ def train_epoch(parts: Parts, loaders: Loaders, data: DatasetSplits, config: Map
         stats = train_one_epoch(parts.forward_model, loaders.train, parts.criterion, parts.optimizer, parts.device,
                                 parts.preprocess, epoch=epoch, flips=flips, scheduler=parts.scheduler,
                                 scaler=parts.scaler, ema=parts.ema, state=state.progress,
-                                progress=config["progress"] and world.is_main, bad_images=bad)
+                                progress=config["progress"] and world.is_main, bad_images=bad,
+                                freeze_bn=config["freeze_bn"])
     except KeyboardInterrupt:
         if world.is_main:
             save_checkpoint(state.run_dir / "last.pth", snapshot(parts, state, config, data.vocabulary))

@@ -20,7 +20,8 @@ from dataset import DatasetError, read_annotations, resolve_data_root
 from distributed import get_device
 from utils import DefaultsHelpFormatter, UserError
 
-from .files import AUG_DIR, AUG_JSON, finished_images, load_real_image, save_outputs, write_train_aug
+from .files import (AUG_DIR, AUG_JSON, check_output_names, finished_images, load_real_image, save_outputs,
+                    write_train_aug)
 from .models import GanConfig
 from .train import BACKENDS, N_OUTPUTS, image_seed, train_images
 
@@ -121,6 +122,7 @@ def run(args: argparse.Namespace) -> dict:
     samples = all_samples[:args.limit] if args.limit is not None else all_samples
     if not samples:
         raise DatasetError(f"'{root / 'train.json'}' lists no samples; nothing to augment.")
+    check_output_names([s["image_name"] for s in all_samples])
     aug_dir = root / AUG_DIR
     # train_aug.json lists every finished image of train.json, also those beyond --limit from earlier runs.
     done = finished_images(aug_dir, [s["image_name"] for s in all_samples])

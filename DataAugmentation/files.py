@@ -10,8 +10,9 @@ Layout under a dataset root:
                                                  , ...], "labels": <train.json's vocabulary>}
 
 <ext> is the original's extension when it is .jpeg/.jpg (Corel-5k: "1000.jpeg" -> "1000_aug.jpeg", the study's
-names), otherwise ".jpeg"; the files are JPEG either way. Keeping the extension lets dataset.original_name map a
-copy back to its original ("15001_aug.jpg" -> "15001.jpg" for ESP-Game).
+names), otherwise ".jpeg"; the files are JPEG either way. Every train_aug.json entry also names its "original", so the
+copies of a PNG or TIFF original map back to it exactly (dataset.py uses it to keep validation copies out of training);
+two originals that would write the same copy names ("x.png" and "x.jpeg") are refused by `check_output_names`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import BadImageError
+from dataset import BadImageError, DatasetError, to_rgb
 from utils import atomic_write_bytes, atomic_write_json
 
 AUG_DIR = "aug-images"
@@ -51,7 +52,7 @@ def load_real_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     """
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im)
             if im.height > im.width:
                 im = im.transpose(Image.Transpose.ROTATE_90)
             h, w = im.height, im.width
@@ -87,6 +88,17 @@ def save_outputs(aug_dir: Path, image_name: str, fakes: torch.Tensor) -> list[Pa
     return paths
 
 
+def check_output_names(image_names: Sequence[str]) -> None:
+    """Refuse training images whose GAN copies would share file names ('x.png' and 'x.jpeg' both give x_aug.jpeg)."""
+    owner: dict[str, str] = {}
+    for name in image_names:
+        for out in output_names(name):
+            if out in owner and owner[out] != name:
+                raise DatasetError(f"Training images '{owner[out]}' and '{name}' would both write the GAN copy "
+                                   f"'{out}'; rename one of them (in images/ and train.json) and run again.")
+            owner[out] = name
+
+
 def finished_images(aug_dir: Path, image_names: Iterable[str]) -> set[str]:
     """The image names whose three outputs all exist in `aug_dir` (one directory listing)."""
     existing = set(os.listdir(aug_dir)) if aug_dir.is_dir() else set()
@@ -96,7 +108,7 @@ def finished_images(aug_dir: Path, image_names: Iterable[str]) -> set[str]:
 def write_train_aug(path: Path, samples: Sequence[dict], vocabulary: Sequence[str], done: set[str]) -> int:
     """Atomically (re)write train_aug.json: the outputs of every finished sample, in train.json order, with the
     original's labels and train.json's vocabulary. Returns the number of entries."""
-    entries = [{"image_name": out, "image_labels": list(s["image_labels"])}
+    entries = [{"image_name": out, "image_labels": list(s["image_labels"]), "original": s["image_name"]}
                for s in samples if s["image_name"] in done for out in output_names(s["image_name"])]
     atomic_write_json(path, {"samples": entries, "labels": list(vocabulary)})
     return len(entries)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # Keys trainer.build_training reads, with main.py's default values.
 TRAINING = {
-    "seed": 0, "model": "TResNet", "pretrained": True, "weights": None, "global_pooling": "avg", "head": "fc",
+    "seed": 0, "model": "TResNet", "pretrained": True, "weights": None, "global_pooling": "avg", "dropout": 0.3, "head": "fc",
     "gcn_tau": 0.4, "gcn_p": 0.25, "label_embeddings": "learned", "loss_function": "AsymmetricLoss",
     "gamma_pos": None, "gamma_neg": None, "margin": None, "loss_reduction": "sum", "optimizer": "adam",
     "learning_rate": 1e-4, "weight_decay": 0.0, "epochs": 40, "schedule_epochs": 40.0, "batch_size": 32, "ema": False,

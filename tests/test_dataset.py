@@ -67,12 +67,34 @@ def test_original_name(name, original):
     assert original_name(name) == original
 
 
+def _one_pixel_image(mode):
+    """A 1 x 2 image of `mode` and the RGB each pixel must become, computed by hand."""
+    if mode == "L":
+        return Image.fromarray(np.array([[7, 200]], dtype=np.uint8), mode="L"), [[7, 7, 7], [200, 200, 200]]
+    if mode == "I;16":  # 16-bit grey: v / 257 rounded (65535 -> 255, 2570 -> 10, 30000 -> 116.7 -> 117)
+        return Image.fromarray(np.array([[2570, 30000]], dtype=np.uint16)), [[10, 10, 10], [117, 117, 117]]
+    if mode == "CMYK":  # each channel (255 - c) (255 - k) / 255, rounded: (245 * 215, 235 * 215, 225 * 215) / 255
+        image = Image.new("CMYK", (2, 1), (10, 20, 30, 40))
+        return image, [[207, 198, 190]] * 2
+    if mode == "P":  # palette index -> its colour
+        image = Image.fromarray(np.array([[0, 1]], dtype=np.uint8), mode="P")
+        image.putpalette([12, 34, 56, 78, 90, 123] + [0] * 762)
+        return image, [[12, 34, 56], [78, 90, 123]]
+    if mode == "RGBA":  # alpha is dropped, not composited
+        return Image.fromarray(np.array([[[1, 2, 3, 0], [250, 251, 252, 255]]], dtype=np.uint8), mode="RGBA"), \
+            [[1, 2, 3], [250, 251, 252]]
+    raise ValueError(mode)
+
+
 @pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "I;16"])
-def test_images_of_any_mode_become_rgb_uint8(tmp_path, mode):
-    path = tmp_path / f"x.{'tiff' if mode in ('CMYK', 'I;16') else 'png'}"
-    Image.new(mode, (30, 20)).save(path)
-    image = load_image(path, 16)
-    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
+def test_images_of_any_mode_give_the_right_rgb_pixels(tmp_path, mode):
+    image, expected = _one_pixel_image(mode)
+    path = tmp_path / f"x.{'tiff' if mode == 'CMYK' else 'png'}"
+    image.save(path)
+    # Nearest-neighbour-sized: decode at the image's own width (2) so no interpolation mixes the two pixels.
+    decoded = load_image(path, 2)  # (3, 2, 2), the 1 x 2 image stretched to 2 rows
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 2, 2)
+    assert decoded[:, 0, :].T.tolist() == expected and decoded[:, 1, :].T.tolist() == expected
 
 
 def test_load_image_resizes_like_pil(tmp_path):
@@ -192,3 +214,28 @@ def test_shuffle_once_is_the_studys_scikit_learn_permutation(tiny_dataset):
     order = [plain.train.image_names.index(n) for n in shuffled.train.image_names]
     assert torch.equal(shuffled.train.targets, plain.train.targets[order])
     assert sorted(shuffled.train.image_names) == sorted(plain.train.image_names) != shuffled.train.image_names
+
+
+def test_gan_copies_of_a_png_validation_image_stay_out_of_training(tiny_dataset):
+    from DataAugmentation.files import output_names, write_train_aug
+
+    samples = json.loads((tiny_dataset / "train.json").read_text())["samples"]
+    vocabulary = json.loads((tiny_dataset / "train.json").read_text())["labels"]
+    for s in samples[::2]:  # every other training image becomes a PNG
+        png = s["image_name"].replace(".jpeg", ".png")
+        Image.open(tiny_dataset / "images" / s["image_name"]).save(tiny_dataset / "images" / png)
+        (tiny_dataset / "images" / s["image_name"]).unlink()
+        s["image_name"] = png
+    (tiny_dataset / "train.json").write_text(json.dumps({"samples": samples, "labels": vocabulary}))
+    (tiny_dataset / "aug-images").mkdir()
+    for s in samples:
+        for out in output_names(s["image_name"]):
+            Image.new("RGB", (24, 16)).save(tiny_dataset / "aug-images" / out)
+    write_train_aug(tiny_dataset / "train_aug.json", samples, vocabulary, {s["image_name"] for s in samples})
+    data = load_dataset(tiny_dataset, augmentation=True, val_size=6)
+    copies = [n for n in data.train.image_names if "_aug" in n]
+    sources = {src for src in data.train.sources if src is not None}
+    assert sources == set(data.train.image_names) - set(copies)  # copies of the training images, and only those
+    assert len(copies) == 3 * (len(samples) - 6)
+    assert not sources & set(data.val.image_names) and any(n.endswith(".png") for n in data.val.image_names)
+    assert data.train.generated.tolist() == ["_aug" in n for n in data.train.image_names]

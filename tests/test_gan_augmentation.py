@@ -306,7 +306,8 @@ def test_cli_writes_images_and_json_then_skips_finished_images(dataset):
         assert sizes == [(24, 16), (24, 16), (16, 24)]  # (W, H): landscape, landscape, rotated back
     data = json.loads((dataset / "train_aug.json").read_text())
     assert data["labels"] == ["sky", "sun", "sea", "tree"]
-    assert data["samples"][:3] == [{"image_name": n, "image_labels": ["sky", "sun"]} for n in output_names("0.jpeg")]
+    assert data["samples"][:3] == [{"image_name": n, "image_labels": ["sky", "sun"], "original": "0.jpeg"}
+                                   for n in output_names("0.jpeg")]
     assert [s["image_labels"] for s in data["samples"]] == [["sky", "sun"]] * 3 + [["sea"]] * 3 + [["sky", "tree"]] * 3
 
     mtimes = {n: (aug / n).stat().st_mtime_ns for n in os.listdir(aug)}
@@ -384,3 +385,23 @@ def test_the_gan_package_does_not_depend_on_the_training_code():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 imported.add(node.module.split(".")[0])
     assert not imported & {"engine", "trainer", "main", "report"}, imported
+
+
+def test_copies_of_a_png_original_name_it_and_colliding_names_are_refused(dataset, capsys):
+    Image.open(dataset / "images" / "1.jpeg").save(dataset / "images" / "1.png")
+    data = json.loads((dataset / "train.json").read_text())
+    data["samples"][1]["image_name"] = "1.png"
+    (dataset / "train.json").write_text(json.dumps(data))
+    augment(dataset)
+    entries = json.loads((dataset / "train_aug.json").read_text())["samples"]
+    png = [e for e in entries if e["original"] == "1.png"]
+    assert [e["image_name"] for e in png] == list(output_names("1.png")) == ["1_aug.jpeg", "1_aug_hor_flip.jpeg",
+                                                                              "1_aug_rot_90.jpeg"]
+    assert {e["original"] for e in entries} == {"0.jpeg", "1.png", "2.jpeg"}
+
+    data["samples"].append({"image_name": "1.jpeg", "image_labels": ["sea"]})  # 1.png and 1.jpeg: same copy names
+    (dataset / "train.json").write_text(json.dumps(data))
+    assert cli.main(["--data", str(dataset), "--iterations", "3", "--size", "16x24", "--device", "cpu",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "'1.png' and '1.jpeg' would both write the GAN copy '1_aug.jpeg'" in err and err.count("\n") == 1

@@ -500,3 +500,54 @@ def _config_defaults():
     from main import config_defaults
 
     return config_defaults()
+
+
+# ---------------------------------------------------------------- messages and options (killing mutants that survived)
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: AsymmetricLoss(gamma_pos=-1), "AsymmetricLoss: gamma_pos must be a finite number >= 0, got -1; pass e.g. "
+                                           "gamma_pos=0.0."),
+    (lambda: AsymmetricLoss(gamma_neg=-2), "AsymmetricLoss: gamma_neg must be a finite number >= 0, got -2;"),
+    (lambda: AsymmetricLoss(margin=-0.1), "AsymmetricLoss: margin must be a finite number >= 0, got -0.1;"),
+    (lambda: AsymmetricLoss(margin=1.0), "AsymmetricLoss: margin must be in [0, 1) (it shifts probabilities), got 1.0; "
+                                         "the usual value is 0.05."),
+    (lambda: AsymmetricLoss(eps=-1.0), "AsymmetricLoss: eps must be a finite number >= 0, got -1.0;"),
+    (lambda: AsymmetricLoss(eps=0.5), "AsymmetricLoss: eps clamps probabilities before the log and must be below 0.5, "
+                                      "got 0.5; the study uses 1e-8, and 0 gives the exact log-sigmoid."),
+    (lambda: FocalLoss(gamma=-3), "FocalLoss: gamma must be a finite number >= 0, got -3;"),
+    (lambda: FocalLoss(gamma=True), "FocalLoss: gamma must be a finite number >= 0, got True;"),
+    (lambda: FocalLoss(eps=0.7), "FocalLoss: eps clamps probabilities"),
+    (lambda: FocalLoss(gamma=3, gamma_neg=2), "FocalLoss: got different exponents {'gamma': 3, 'gamma_neg': 2}; the "
+                                              "focal loss has one gamma - pass a single value (or equal gamma_pos and "
+                                              "gamma_neg), or use AsymmetricLoss for different ones."),
+    (lambda: FocalLoss(gamma_pos=1, gamma_neg=2), "FocalLoss: got different exponents {'gamma_pos': 1, 'gamma_neg': 2};"),
+    (lambda: BCELoss(reduction="none"), "BCELoss: unknown reduction 'none'"),
+    (lambda: create_loss("BCELoss", gamma_pos=1, margin=2), "Loss 'BCELoss' does not accept gamma_pos=1, margin=2;"),
+])
+def test_each_bad_option_is_named_in_its_own_sentence(make, message):
+    with pytest.raises(ValueError) as error:
+        make()
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_bad_shapes_name_the_loss_and_the_fix():
+    with pytest.raises(ValueError) as error:
+        LSEPLoss()(torch.zeros(3), torch.zeros(3))
+    assert str(error.value) == ("LSEPLoss: logits must be 2-D (batch, labels), got shape (3,); flatten or unsqueeze "
+                                "them before the loss.")
+
+
+def test_reduction_factors_and_accepted_hyper_parameters():
+    from losses import reduction_factor
+
+    assert [reduction_factor(r, 4, 3) for r in ("sum", "mean", "mean-all")] == [1, 4, 12]
+    assert BCELoss.accepted_hyper_parameters() == ("reduction",)
+    assert LSEPLoss.accepted_hyper_parameters() == ("reduction",)
+    assert AsymmetricLoss.accepted_hyper_parameters() == ("gamma_pos", "gamma_neg", "margin", "detach_focusing",
+                                                          "reduction", "eps")
+
+
+def test_lsep_takes_a_half_target_as_negative():
+    x = torch.tensor([[2.0, -1.0, 0.5]])
+    half = LSEPLoss()(x, torch.tensor([[1.0, 0.5, 0.0]]))
+    assert_close(half, LSEPLoss()(x, torch.tensor([[1.0, 0.0, 0.0]])))

@@ -302,3 +302,41 @@ def test_strict_comparison_drops_exactly_the_scores_equal_to_their_threshold():
     assert binarize(p, 0.5, strict=True).tolist() == [[False, False], [True, False], [False, True]]
     assert compute_metrics(y, p, 0.5)["per_image/recall"] == 1.0
     assert compute_metrics(y, p, 0.5, strict=True)["per_image/recall"] == 0.5
+
+
+# ---------------------------------------------------------------- input checks (killing mutants that survived)
+
+@pytest.mark.parametrize("grid, message", [
+    ([0.2, float("nan")], "non-decreasing"), ([[0.2, 0.4]], "1-D"), ([0.2, 0.5, 0.3], "non-decreasing"),
+    ([], "non-empty")])
+def test_grid_confusion_counts_refuses_bad_grids(grid, message):
+    with pytest.raises(ValueError, match=message):
+        M.grid_confusion_counts(torch.tensor([[1, 0]]), torch.tensor([[0.3, 0.6]]), torch.tensor(grid))
+
+
+def test_a_single_threshold_grid_is_a_grid():
+    tp, fp, fn, tn = M.grid_confusion_counts(torch.tensor([[1, 0], [0, 1]]), torch.tensor([[0.3, 0.6], [0.2, 0.1]]),
+                                             torch.tensor([0.25]))
+    assert tp.tolist() == [[1, 0]] and fp.tolist() == [[0, 1]] and fn.tolist() == [[0, 1]] and tn.tolist() == [[1, 0]]
+
+
+def test_probabilities_above_one_and_nan_thresholds_are_refused_with_their_sentence():
+    with pytest.raises(ValueError, match=r"^probs must lie in \[0, 1\] without NaN \(got min 0.1, max 1.5\); apply "
+                                         r"torch.sigmoid to logits first.$"):
+        M.compute_metrics(torch.tensor([[1, 0]]), torch.tensor([[0.1, 1.5]]))
+    with pytest.raises(ValueError, match=r"^thresholds contain NaN; pass finite thresholds, e.g. 0.5.$"):
+        M.binarize(torch.tensor([[0.1, 0.5]]), torch.tensor([0.5, float("nan")]))
+    with pytest.raises(ValueError, match=r"^probs must have shape \(N, C\); got \(2,\).$"):
+        M.binarize(torch.tensor([0.1, 0.5]))
+    with pytest.raises(ValueError, match=r"^targets must contain only 0 and 1 \(multi-hot label indicators\), not "
+                                         r"label indices or soft labels.$"):
+        M.compute_metrics(torch.tensor([[2, 0]]), torch.tensor([[0.1, 0.5]]))
+    with pytest.raises(ValueError, match=r"^targets is on meta but the scores are on cpu; move both to one device.$"):
+        M.compute_metrics(torch.zeros(1, 2, device="meta"), torch.tensor([[0.1, 0.5]]))
+    with pytest.raises(ValueError, match=r"^preds must be a bool tensor of shape \(N, C\) or \(G, N, C\), e.g. probs "
+                                         r">= threshold; got dtype torch.float32 and shape \(1, 2\).$"):
+        M.confusion_counts(torch.tensor([[1, 0]]), torch.tensor([[0.1, 0.5]]))
+
+
+def test_binarize_defaults_to_one_half():
+    assert M.binarize(torch.tensor([[0.49, 0.5, 0.51]])).tolist() == [[False, True, True]]

@@ -1,7 +1,9 @@
 """--evaluate, --predict and --compare (report.py) through main.py on runs of a tiny generated dataset."""
 import csv
 import json
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,3 +160,59 @@ def test_a_study_run_states_its_recipe_in_results_md(tiny_dataset, tmp_path):
                 "fitted on train (train transform), fallback first, predict p > t, metric epsilon 1e-07",
                 "| model selection | test set (every epoch)", "| input mean / std |"):
         assert row in text, row
+
+
+# ---------------------------------------------------------------- figures and skipped images
+
+def test_evaluate_skips_an_unreadable_test_image_without_shifting_the_others(tiny_dataset, tmp_path):
+    cli(train_args(tiny_dataset, tmp_path / "runs", "--epochs", "1"))
+    (run,) = run_dirs(tmp_path / "runs")
+    (tiny_dataset / "images" / "10002.jpeg").write_bytes(b"not an image")
+    cli(["--evaluate", "--checkpoint", str(run), "--num-workers", "0", "--no-progress", "--skip-bad-images"])
+    saved = np.load(run / "evaluation.npz")
+    assert "10002.jpeg" not in saved["test_images"].tolist() and len(saved["test_images"]) == 9
+    results = json.loads((run / "results.json").read_text())
+    assert results["run"]["split_sizes"]["test"] == 10 and (run / "predictions.png").stat().st_size > 0
+
+
+def test_evaluate_without_checkpoint_takes_the_newest_of_several_runs(tiny_dataset, tmp_path):
+    save = tmp_path / "runs"
+    for name in ("older", "newer"):
+        cli(train_args(tiny_dataset, save, "--epochs", "1", "--run-name", name))
+    old = save / "TinyResNet_AsymmetricLoss_tiny_older" / "best.pth"
+    os.utime(old, (old.stat().st_mtime + 60, old.stat().st_mtime + 60))  # "older" finished last after all
+    results = main_module.main(main_module.get_args_parser().parse_args(
+        ["--evaluate", "--model", "TinyResNet", "--loss-function", "AsymmetricLoss", "--data", str(tiny_dataset),
+         "--save-dir", str(save), "--num-workers", "0", "--no-progress"]))
+    assert results["run"]["run_dir"].endswith("TinyResNet_AsymmetricLoss_tiny_older")
+
+
+def test_augmentation_end_to_end_with_png_and_jpeg_originals(tiny_dataset, tmp_path):
+    from PIL import Image
+
+    from DataAugmentation import cli as gan_cli
+    from trainer import World, load_data, resume_config
+
+    data = json.loads((tiny_dataset / "train.json").read_text())
+    for s in data["samples"][::3]:  # a third of the training images become PNG originals
+        png = s["image_name"].replace(".jpeg", ".png")
+        Image.open(tiny_dataset / "images" / s["image_name"]).save(tiny_dataset / "images" / png)
+        s["image_name"] = png
+    (tiny_dataset / "train.json").write_text(json.dumps(data))
+    assert gan_cli.main(["--data", str(tiny_dataset), "--iterations", "3", "--size", "16x24", "--device", "cpu",
+                         "--no-progress"]) == 0
+    cli(train_args(tiny_dataset, tmp_path / "runs", "--epochs", "1", "--augmentation"))
+    (run,) = run_dirs(tmp_path / "runs")
+    cli(["--evaluate", "--checkpoint", str(run), "--num-workers", "0", "--no-progress"])
+
+    splits = load_data(str(tiny_dataset), resume_config(run, main_module.config_defaults(), {}), False, World())
+    val = set(splits.val.image_names)
+    originals = [n for n, src in zip(splits.train.image_names, splits.train.sources) if src is None]
+    copies = [src for src in splits.train.sources if src is not None]
+    assert not set(copies) & val and sorted(set(copies)) == sorted(originals) and len(copies) == 3 * len(originals)
+    assert any(n.endswith(".png") for n in originals) and any(n.endswith(".png") for n in val)
+    labels = {s["image_name"]: s["image_labels"] for s in data["samples"]}
+    with (run / "per_label.csv").open() as f:
+        for row in csv.DictReader(f):
+            count = sum(row["label"] in labels[n] for n in originals)
+            assert (int(row["train_frequency"]), int(row["train_gan_copies"])) == (count, 3 * count), row["label"]

@@ -170,3 +170,28 @@ def test_bad_scores_raise_value_error():
         T.mcc_thresholds(targets, probs * 3)
     with pytest.raises(ValueError, match="collapse"):
         T.mcc_scores(targets, probs.half(), [0.5, 0.50001])
+
+
+# ---------------------------------------------------------------- input checks (killing mutants that survived)
+
+@pytest.mark.parametrize("grid, message", [([[0.1, 0.2]], "1-D"), ([0.1, 0.5, 0.3], "strictly increasing"),
+                                           ([0.1, 1.0], "in \\(0, 1\\)")])
+def test_bad_grids_are_refused(grid, message):
+    with pytest.raises(ValueError, match=message):
+        T.mcc_thresholds(torch.tensor([[1, 0]]), torch.tensor([[0.3, 0.6]]), grid=grid)
+
+
+def test_one_point_grids_defaults_zero_and_one_and_integer_scores():
+    y, p = torch.tensor([[1, 0], [0, 1]]), torch.tensor([[0.9, 0.2], [0.1, 0.8]])
+    assert T.mcc_thresholds(y, p, grid=[0.5]).tolist() == [0.5, 0.5]
+    never = torch.zeros(2, 2, dtype=torch.long)
+    assert T.mcc_thresholds(never, p, default=0.0).tolist() == [0.0, 0.0]
+    assert T.mcc_thresholds(never, p, default=1.0).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="floating-point"):
+        T.mcc_thresholds(y, torch.tensor([[1, 0], [0, 1]]))
+
+
+def test_grid_points_that_collapse_in_the_scores_dtype_are_refused_wherever_they_are():
+    probs = torch.tensor([[0.3, 0.6]], dtype=torch.float16)
+    with pytest.raises(ValueError, match="collapse"):  # 0.5 and 0.5001 are one float16 number; 0.1 is not
+        T.mcc_thresholds(torch.tensor([[1, 0]]), probs, grid=[0.1, 0.5, 0.5001])

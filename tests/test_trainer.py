@@ -267,3 +267,66 @@ def test_keeping_the_last_batch_drops_only_a_batch_of_one(capsys):
     assert trainer._drop_last(True, 24, 5) is True and trainer._drop_last(True, 3, 5) is False
     assert trainer._drop_last(False, 24, 5) is False
     assert trainer._drop_last(False, 21, 5) is True and "last batch of one image" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- EMA: kept exactly when it scores better
+
+def test_the_ema_is_kept_exactly_when_it_scores_better_and_best_pth_then_holds_its_weights(monkeypatch, tmp_path):
+    config = resolve({**config_defaults(), "model": "TinyResNet", "data": "x", "pretrained": False, "ema": True})
+    model, criterion, optimizer, scheduler, ema = trainer.build_training(config, torch.device("cpu"), 3, 4)
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.add_(1.0)  # the EMA's weights differ from the model's
+    parts = trainer.Parts(model, model, criterion, optimizer, scheduler, ema, None,
+                          trainer.BatchPreprocessor((0, 0, 0), (1, 1, 1), torch.device("cpu")), torch.device("cpu"),
+                          {"mean": [0, 0, 0], "std": [1, 1, 1]})
+    state = trainer.RunState(tmp_path)
+    scripted = iter([(0.5, 0.4), (0.45, 0.6), (0.55, 0.6), (0.7, 0.7)])  # (model, EMA) per epoch
+    scores = {}
+
+    def fake_evaluate(module, loader, criterion, device, preprocess, prefix="val", **kwargs):
+        if prefix == "val":
+            scores["now"] = next(scripted)
+        return {f"{prefix}/per_class/f1": scores["now"][0 if module is model else 1]}
+
+    monkeypatch.setattr(trainer, "evaluate", fake_evaluate)
+    expected = [(True, "model", model), (True, "ema", ema.module), (False, None, None), (True, "model", model)]
+    for epoch, (improves, source, winner) in enumerate(expected, start=1):
+        _, score, chosen = trainer.validate(parts, None, config, progress=False)
+        state.epoch = epoch
+        assert trainer.keep_checkpoints(parts, state, score, chosen, config, ["a", "b", "c"], trainer.World()) is improves
+        best = torch.load(tmp_path / "best.pth", weights_only=True)
+        if improves:
+            assert (best["best_source"], best["best_epoch"]) == (source, epoch)
+            for key, value in winner.state_dict().items():
+                torch.testing.assert_close(best["model"][key], value, rtol=0, atol=0)
+    assert state.best == 0.7 and state.best_epoch == 4
+
+
+def test_an_ema_run_keeps_the_epoch_and_weights_its_log_says_are_best(tiny_dataset, tmp_path):
+    cli(train_args(tiny_dataset, tmp_path / "runs", "--epochs", "3", "--ema", "--ema-decay", "0.5"))
+    (run,) = run_dirs(tmp_path / "runs")
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    best, best_epoch, best_source = -1.0, 0, None
+    for row in rows:
+        model, average = float(row["val/per_class/f1"]), float(row["val_ema/per_class/f1"])
+        score, source = (average, "ema") if average > model else (model, "model")
+        if score > best:
+            best, best_epoch, best_source = score, int(row["epoch"]), source
+    saved = torch.load(run / "best.pth", weights_only=True)
+    assert (saved["best_epoch"], saved["best_source"]) == (best_epoch, best_source)
+    assert saved["best_metric"] == pytest.approx(best)
+
+
+@pytest.mark.parametrize("name, timm_name", [("TinyResNet", "test_resnet"), ("ResNet18", "resnet18")])
+def test_default_inputs_are_normalised_with_the_backbones_own_statistics(name, timm_name):
+    import timm
+
+    from models import create_model
+
+    config = resolve({**config_defaults(), "model": name, "data": "x"})
+    mean, std = trainer.input_normalisation(config, None, create_model(name, 3), None, trainer.World())
+    reference = timm.create_model(timm_name, pretrained=False).pretrained_cfg
+    assert mean == pytest.approx(list(reference["mean"])) and std == pytest.approx(list(reference["std"]))
+    assert trainer.input_normalisation({**config, "normalise": ["corel5k"], "augmentation": True}, None, None, None,
+                                       trainer.World()) == ([0.4249, 0.4365, 0.3926], [0.1955, 0.1830, 0.1987])

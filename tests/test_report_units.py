@@ -1,0 +1,230 @@
+"""report.py's pure pieces without training (the fast tests the mutation check runs): tables, files, figures' panels,
+--predict's annotation and --compare. Each against a hand-made expectation."""
+import csv
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import report
+from checkpoint import CheckpointError
+from dataset import Split
+from utils import UserError
+
+KEYS = ("per_image/precision", "per_image/recall", "per_image/f1", "per_class/precision", "per_class/recall",
+        "per_class/f1", "N+", "mAP")
+
+
+def results(method="mcc"):
+    default = dict(zip(KEYS, (0.5, 0.25, 0.33333, 0.125, 1.0, 0.2222222, 3, 45.678)))
+    fitted = dict(zip(KEYS, (0.75, 0.5, 0.6, 0.5, 0.75, 0.6, 4, 45.678)))
+    default["per_class/f1_mean_per_label"], fitted["per_class/f1_mean_per_label"] = 0.11111, 0.55556
+    run = {"model": "TinyResNet", "loss_function": "BCELoss", "data": "demo", "threshold_method": method,
+           "split_sizes": {"train": 8, "val": 2, "test": 5}, "protocol": "holdout", "threshold_split": "val",
+           "threshold_fallback": "default", "image_size": 64, "epochs": 3, "best_epoch": 2, "best_source": "ema",
+           "seed": 7, "recipe": {"recipe": "default", "flips": "horizontal"}, "normalisation": None}
+    return {"default": default, "mcc": fitted, "thresholds": {}, "run": run}
+
+
+def test_markdown_tables_format_every_cell():
+    assert report.markdown_tables(results("f1")) == (
+        "| Thresholds | Per-image P | Per-image R | Per-image F1 | Per-class P | Per-class R | Per-class F1 | N+ | mAP |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+        "| 0.5 | 0.5000 | 0.2500 | 0.3333 | 0.1250 | 1.0000 | 0.2222 | 3 | 45.68 |\n"
+        "| F1 | 0.7500 | 0.5000 | 0.6000 | 0.5000 | 0.7500 | 0.6000 | 4 | 45.68 |")
+
+
+def test_results_markdown_states_the_run_its_recipe_and_the_per_label_mean():
+    text = report._results_markdown(results())
+    assert text.startswith("# TinyResNet + BCELoss on demo\n\nRecipe: default. Test set (5 images). Thresholds fitted "
+                           "on the val split (mcc, fallback default); held-out validation split for model selection.\n"
+                           "Image size 64, 3 epochs (best epoch 2, ema weights), seed 7.\n\n| Thresholds |")
+    assert "| choice | this run |\n|---|---|\n| recipe | default |\n| flips | horizontal |\n" in text
+    assert "| input mean / std | the backbone's / the backbone's |" in text
+    assert "mean of per-label F1 is 0.5556 with the fitted thresholds (0.1111 at 0.5)" in text
+    study = results()
+    study["run"].update(protocol="study", normalisation={"mean": [0.1, 0.2, 0.3], "std": [1, 2, 3]})
+    text = report._results_markdown(study)
+    assert "; the study's protocol (--select-on-test: epoch chosen on the test set).\n" in text
+    assert "| [0.1, 0.2, 0.3] / [1, 2, 3] |" in text
+
+
+def test_format_keeps_integers_and_rounds_ratios_and_percentages():
+    assert [report._format(v) for v in (3, 0.123456, 1.0, 1.5, 12.3456, 100.0)] == \
+        ["3", "0.1235", "1.0000", "1.50", "12.35", "100.00"]
+
+
+@pytest.mark.parametrize("strict, expected", [(False, ["sea", "sky", "sun"]), (True, ["sea", "sky"])])
+def test_annotate_orders_by_score_and_follows_the_comparison(strict, expected):
+    probs = torch.tensor([0.7, 0.9, 0.5, 0.1])
+    labels = report.annotate(probs, torch.tensor([0.5, 0.5, 0.5, 0.5]), ["sky", "sea", "sun", "moon"], strict)
+    assert [x["label"] for x in labels] == expected
+    assert labels[0] == {"label": "sea", "score": 0.9}
+    assert report.annotate(probs, torch.tensor([0.8, 0.95, 0.5, 0.05]), ["sky", "sea", "sun", "moon"]) == [
+        {"label": "sun", "score": 0.5}, {"label": "moon", "score": 0.1}]  # p >= t by default
+    assert report.annotate(torch.tensor([0.123456]), torch.tensor([0.1]), ["sky"]) == [{"label": "sky", "score": 0.1235}]
+
+
+def test_write_predictions_writes_the_rows_as_json_and_csv(tmp_path, capsys):
+    rows = [{"image": "a.jpg", "labels": [{"label": "sky", "score": 0.91234}, {"label": "sea", "score": 0.5}]},
+            {"image": "b.jpg", "labels": []}]
+    report.write_predictions(tmp_path / "out", rows)
+    assert json.loads((tmp_path / "out.json").read_text()) == rows
+    assert (tmp_path / "out.csv").read_text().splitlines() == ["image,labels,scores", "a.jpg,sky sea,0.9123 0.5000",
+                                                              "b.jpg,,"]
+    assert capsys.readouterr().out == f"Wrote {tmp_path / 'out.csv'} and {tmp_path / 'out.json'}\n"
+
+
+def test_per_label_csv_counts_originals_and_gan_copies_apart():
+    targets = torch.tensor([[1.0, 0], [1, 1], [0, 1], [1, 0], [1, 1]])
+    train = Split("train", ["a.jpeg", "b.jpeg", "a_aug.jpeg", "a_aug_hor_flip.jpeg", "b_aug.jpeg"], [None] * 5, targets,
+                  sources=[None, None, "a.jpeg", "a.jpeg", "b.jpeg"])
+    test = {"targets": torch.tensor([[1.0, 0], [0, 1], [1, 1]]), "probs": torch.tensor([[0.9, 0.2], [0.6, 0.6],
+                                                                                       [0.4, 0.7]])}
+    text = report.per_label_csv(["sky", "sea"], train, test, torch.tensor([0.5, 0.6]), strict=False)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    # sky: predicted for images 0, 1 (TP 1, FP 1), missed image 2; sea: predicted 1, 2 (both TP).
+    assert rows[0] == {"label": "sky", "train_frequency": "2", "train_gan_copies": "2", "test_frequency": "2",
+                       "threshold": "0.5", "precision": "0.5000", "recall": "0.5000", "f1": "0.5000", "ap": "0.8333"}
+    assert rows[1] == {"label": "sea", "train_frequency": "1", "train_gan_copies": "2", "test_frequency": "2",
+                       "threshold": "0.6", "precision": "1.0000", "recall": "1.0000", "f1": "1.0000", "ap": "1.0000"}
+    strict = list(csv.DictReader(io.StringIO(report.per_label_csv(["sky", "sea"], train, test,
+                                                                  torch.tensor([0.5, 0.6]), strict=True))))
+    assert strict[1]["recall"] == "0.5000"  # 0.6 > 0.6 is false: image 1 no longer gets 'sea'
+    empty = {"targets": torch.zeros(2, 2), "probs": torch.full((2, 2), 0.3)}
+    assert list(csv.DictReader(io.StringIO(report.per_label_csv(["sky", "sea"], train, empty, torch.tensor([0.5, 0.5]),
+                                                                 False))))[0]["ap"] == ""
+
+
+def test_evaluation_arrays_round_trip_by_image_name():
+    split = Split("test", ["x.jpg", "y.jpg", "z.jpg"], [None] * 3, torch.eye(3))
+    out = {"indices": torch.tensor([0, 2]), "probs": torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]),
+           "targets": torch.tensor([[1.0, 0, 0], [0, 0, 1]]), "split": split}
+    saved = np.load(io.BytesIO(report.evaluation_arrays(["a", "b", "c"], {"test": out}, torch.tensor([0.1, 0.2, 0.3]))))
+    assert saved["labels"].tolist() == ["a", "b", "c"] and saved["test_images"].tolist() == ["x.jpg", "z.jpg"]
+    np.testing.assert_array_equal(saved["test_probs"], out["probs"].numpy())
+    assert saved["test_targets"].dtype == np.uint8 and saved["test_targets"].tolist() == [[1, 0, 0], [0, 0, 1]]
+    assert saved["test_probs"].dtype == np.float32 and saved["thresholds"].dtype == np.float32
+    np.testing.assert_allclose(saved["thresholds"], [0.1, 0.2, 0.3])
+
+
+def test_compare_runs_puts_each_runs_numbers_in_its_row(tmp_path):
+    for name, shift in (("a", 0.0), ("b", -0.1)):
+        r = results()
+        r["default"] = {k: (v + shift if isinstance(v, float) else v) for k, v in r["default"].items()}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(r))
+    lines = report.compare_runs([str(tmp_path / "a"), str(tmp_path / "b")]).splitlines()
+    assert lines[0] == ("| Run | Model | Loss | Data | Per-class P @0.5 | Per-class R @0.5 | Per-class F1 @0.5 | "
+                        "Per-class P +MCC | Per-class R +MCC | Per-class F1 +MCC | N+ +MCC | mAP |")
+    assert lines[1] == "|" + "---|" * 12
+    assert lines[2] == "| a | TinyResNet | BCELoss | demo | 0.1250 | 1.0000 | 0.2222 | 0.5000 | 0.7500 | 0.6000 | 4 | 45.68 |"
+    assert lines[3].startswith("| b | TinyResNet | BCELoss | demo | 0.0250 | 0.9000 | 0.1222 | 0.5000 |")
+    with pytest.raises(CheckpointError, match="run --evaluate --checkpoint"):
+        report.compare_runs([str(tmp_path / "missing")])
+
+
+def test_evaluation_settings_take_each_flag_given_else_the_runs():
+    import argparse
+
+    config = {"threshold_split": "train", "threshold_transform": "train", "threshold_fallback": "first",
+              "threshold_compare": "gt", "metric_epsilon": 1e-7}
+    args = argparse.Namespace(threshold_split=None, threshold_transform="eval", threshold_fallback=None,
+                              threshold_compare="ge", metric_epsilon=0.0, threshold_method="f1", threshold_grid=[0.2, 0.4])
+    settings = report.evaluation_settings(args, config)
+    assert {k: v for k, v in settings.items() if k != "grid"} == {
+        "threshold_split": "train", "threshold_transform": "eval", "threshold_fallback": "first",
+        "threshold_compare": "ge", "metric_epsilon": 0.0, "threshold_method": "f1"}
+    assert settings["grid"].tolist() == [0.2, 0.4]
+    assert report.evaluation_settings(argparse.Namespace(**{**vars(args), "threshold_grid": None}), config)[
+        "grid"].tolist() == pytest.approx([0.05 * k for k in range(1, 15)])
+
+
+def test_score_test_set_applies_the_comparison_and_epsilon():
+    test = {"targets": torch.tensor([[1.0, 0], [0, 1]]), "probs": torch.tensor([[0.5, 0.2], [0.1, 0.5]])}
+    ge = report.score_test_set(test, torch.tensor([0.4, 0.4]), {"threshold_compare": "ge", "metric_epsilon": 0.0})
+    gt = report.score_test_set(test, torch.tensor([0.4, 0.4]), {"threshold_compare": "gt", "metric_epsilon": 1e-7})
+    assert ge["default"]["per_image/recall"] == 1.0 and gt["default"]["per_image/recall"] == 0.0
+    assert ge["mcc"]["per_image/precision"] == 1.0 and gt["mcc"]["per_image/precision"] == 2 / (2 + 1e-7)
+    eps = report.score_test_set(test, torch.tensor([0.4, 0.4]), {"threshold_compare": "ge", "metric_epsilon": 1e-7})
+    assert eps["mcc"]["per_image/precision"] == 2 / (2 + 1e-7) and eps["default"]["per_image/recall"] == 2 / (2 + 1e-7)
+
+
+def test_skip_bad_images_is_on_when_the_command_or_the_training_asked():
+    import argparse
+
+    for given, trained, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        assert report.skip_bad_images(argparse.Namespace(skip_bad_images=given), {"skip_bad_images": trained}) is expected
+
+
+def test_image_files_lists_images_recursively_and_refuses_nothing(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("b.JPG", "a.png", "sub/c.webp", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in report._image_files(tmp_path)] == ["a.png", "b.JPG", "sub/c.webp"]
+    assert report._image_files(tmp_path / "a.png") == [tmp_path / "a.png"]
+    with pytest.raises(UserError, match="does not exist"):
+        report._image_files(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"^No images \(.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp\) found under"):
+        report._image_files(tmp_path / "empty")
+
+
+def test_marked_labels_marks_right_wrong_and_missed():
+    scores = torch.tensor([0.2, 0.9, 0.6, 0.1])
+    predicted, truth = torch.tensor([False, True, True, False]), torch.tensor([1, 1, 0, 0])
+    assert report.marked_labels(scores, predicted, truth, ["a", "b", "c", "d"]) == "b ✓, c ✗; missed: a"
+    assert report.marked_labels(scores, torch.zeros(4, dtype=torch.bool), torch.zeros(4), list("abcd")) == "-"
+    # Highest score first whatever the label order; every missed label listed.
+    assert report.marked_labels(torch.tensor([0.6, 0.9, 0.2, 0.1]), torch.tensor([True, True, False, False]),
+                                torch.tensor([1, 0, 1, 1]), list("abcd")) == "b ✗, a ✓; missed: c, d"
+
+
+def test_the_figure_is_a_png_of_its_panels_and_display_keeps_the_aspect_ratio(tmp_path):
+    Image.new("RGB", (400, 200), (10, 20, 30)).save(tmp_path / "a.png")
+    image = report.display_image(tmp_path / "a.png", longest_side=100)
+    assert image.shape == (50, 100, 3) and image[0, 0].tolist() == [10, 20, 30]
+    assert report.display_image(tmp_path / "a.png").shape == (160, 320, 3)
+    panels = [{"name": "a.png", "path": tmp_path / "a.png", "truth": "sky", "readable": True, "at_half": "sky ✓",
+               "fitted": "-"}, {"name": "b.png", "path": None, "truth": "sea", "readable": False}]
+    png = report.predictions_figure(panels, "mcc")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and math.prod(Image.open(io.BytesIO(png)).size) > 0
+    (tmp_path / "bad.png").write_bytes(b"no")
+    with pytest.raises(report.BadImageError, match=r"^Image '.*bad.png' cannot be read \(UnidentifiedImageError: "):
+        report.display_image(tmp_path / "bad.png")
+
+
+def test_figure_panels_show_each_images_own_predictions_and_unreadable_ones_as_such():
+    from dataset import Split
+    from report import figure_panels
+
+    vocabulary = ["sky", "sea", "sun"]
+    targets = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])
+    split = Split("test", ["a", "b", "c", "d"], [None] * 4, targets)
+    # Image 1 was unreadable: the rows are images 0, 2, 3, in that order.
+    probs = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.2, 0.8], [0.7, 0.6, 0.1]])
+    panels = figure_panels(split, probs, torch.tensor([0, 2, 3]), torch.tensor([0.5, 0.65, 0.5]), vocabulary)
+    assert [p["name"] for p in panels] == ["a", "b", "c", "d"]
+    assert panels[1]["readable"] is False and "at_half" not in panels[1]
+    assert panels[0]["at_half"] == "sky ✓" and panels[2]["at_half"] == "sun ✓"
+    assert panels[3]["at_half"] == "sky ✓, sea ✓" and panels[3]["fitted"] == "sky ✓; missed: sea"
+    assert panels[3]["truth"] == "sky, sea"
+    wrong = figure_panels(split, torch.tensor([[0.1, 0.9, 0.1]] * 3), torch.tensor([0, 2, 3]), 0.5, vocabulary)
+    assert wrong[0]["at_half"] == "sea ✗; missed: sky"
+
+
+
+
+def test_figure_panels_hold_twelve_images_by_default_and_follow_the_comparison():
+    split = Split("test", [f"{i}.jpg" for i in range(13)], [f"p{i}" for i in range(13)], torch.zeros(13, 2))
+    probs = torch.full((13, 2), 0.5)
+    panels = report.figure_panels(split, probs, torch.arange(13), torch.tensor([0.5, 0.5]), ["sky", "sea"])
+    assert len(panels) == 12
+    assert panels[0] == {"name": "0.jpg", "path": "p0", "truth": "-", "readable": True, "at_half": "sky ✗, sea ✗",
+                         "fitted": "sky ✗, sea ✗"}
+    strict = report.figure_panels(split, probs, torch.arange(13), torch.tensor([0.5, 0.4]), ["sky", "sea"], strict=True)
+    assert (strict[0]["at_half"], strict[0]["fitted"]) == ("-", "sea ✗")
