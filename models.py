@@ -17,6 +17,7 @@ from torch import nn
 
 from heads import build_head
 from utils import UserError
+from weights import PACKAGED_WEIGHTS, backbone_state_dict, packaged_state_dict
 
 # CLI name -> timm model name. The four backbones of the study, plus small CPU-friendly ones for demos and tests.
 MODELS = {
@@ -26,6 +27,10 @@ MODELS = {
     "TResNet": "tresnet_m",
     "ResNet18": "resnet18",
     "TinyResNet": "test_resnet",
+    # ImageNet weights from pip packages, no download (weights.PACKAGED_WEIGHTS); TensorFlow "same" padding, as trained.
+    "EfficientNetLite0": "tf_efficientnet_lite0",
+    "EfficientNetLite1": "tf_efficientnet_lite1",
+    "EfficientNetLite2": "tf_efficientnet_lite2",
 }
 DEFAULT_MODEL = "TResNet"  # the study's best backbone; the CLI's default
 # Image sizes must be multiples of the backbone's total stride (TResNet's space-to-depth stem needs it).
@@ -95,9 +100,10 @@ def create_model(name: str, num_classes: int, pretrained: bool = False, weights:
                  weights_tag: str | None = None, **kwargs) -> AnnotationModel:
     """Build a registry backbone with the study's head.
 
-    pretrained: fetch timm's ImageNet weights (network needed). weights: a local timm-format weight file
-    (.pth/.bin/.safetensors) loaded into the backbone instead, for offline machines. weights_tag: which of timm's
-    pretrained weights (e.g. 'tv_in1k'; None = timm's default); it also sets the backbone's pretrained
+    pretrained: ImageNet weights, from a pip package where the model has one (weights.PACKAGED_WEIGHTS: no network),
+    else from timm's hub (network needed). weights: a local weight file loaded into the backbone instead (timm,
+    torchvision or `_blocks` layout, or a training checkpoint of this repository; see weights.py). weights_tag: which
+    of timm's pretrained weights (e.g. 'tv_in1k'; None = timm's default); it also sets the backbone's pretrained
     configuration (its mean/std). head/head_options: the classifier head (heads.HEADS, default the study's fc;
     heads.head_options builds the options). Extra kwargs go to timm.
     """
@@ -113,43 +119,29 @@ def create_model(name: str, num_classes: int, pretrained: bool = False, weights:
         weights = Path(weights).expanduser()
         if not weights.is_file():
             raise ModelError(f"--weights file '{weights}' does not exist; give the path of a local {timm_name} weight file.")
-        pretrained = False
-    if pretrained and not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
-        raise ModelError(_offline_message(timm_name, ConnectionError("no connection to the weight hub")))
-    try:
-        backbone = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **kwargs)
-    except (OSError, RuntimeError, ValueError, ImportError, KeyError) as e:
-        if pretrained:
-            raise ModelError(_offline_message(timm_name, e)) from None
-        raise
+    if pretrained and weights is None and name in PACKAGED_WEIGHTS:
+        backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
+        state = packaged_state_dict(name, MODELS[name])  # timm names, with the ImageNet classifier
+        classifier = backbone.pretrained_cfg["classifier"]
+        backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith(classifier + ".")})
+    else:
+        backbone = _timm_backbone(timm_name, pretrained and weights is None, kwargs)
     if weights is not None:
-        load_backbone_weights(backbone, weights, timm_name)
+        backbone.load_state_dict(backbone_state_dict(weights, backbone))
     return AnnotationModel(backbone, num_classes, global_pooling=global_pooling, dropout=dropout, head=head,
                            head_options=head_options)
 
 
-def load_backbone_weights(backbone: nn.Module, path: Path, timm_name: str) -> None:
-    """Load a timm-format weight file into `backbone`, strictly except for the ImageNet classifier it drops.
-
-    timm's own loader ignores mismatched keys with a log line; a wrong file must be an error instead.
-    """
+def _timm_backbone(timm_name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    """timm's backbone without classifier; with `pretrained`, its ImageNet weights from the hub (network needed)."""
+    if pretrained and not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
+        raise ModelError(_offline_message(timm_name, ConnectionError("no connection to the weight hub")))
     try:
-        state = timm.models.load_state_dict(str(path))
-    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as e:
-        raise ModelError(f"Could not load --weights '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
-                         f"give a {timm_name} weight file (.pth, .bin or .safetensors).") from None
-    classifier = (backbone.pretrained_cfg or {}).get("classifier") or "fc"
-    state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
-    try:
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise ModelError(f"Could not load --weights '{path}' into {timm_name}: tensor shapes differ "
-                         f"({str(e).splitlines()[1].strip()[:150] if len(str(e).splitlines()) > 1 else e}); "
-                         f"is it a {timm_name} weight file?") from None
-    if missing or unexpected:
-        raise ModelError(f"Could not load --weights '{path}' into {timm_name}: {len(missing)} of its weights are missing "
-                         f"from the file (e.g. {missing[:3]}) and {len(unexpected)} keys are unknown (e.g. {unexpected[:3]}); "
-                         f"is it a {timm_name} weight file?")
+        return timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **kwargs)
+    except (OSError, RuntimeError, ValueError, ImportError, KeyError) as e:
+        if pretrained:
+            raise ModelError(_offline_message(timm_name, e)) from None
+        raise
 
 
 def count_trainable_parameters(model: nn.Module) -> int:

@@ -4,6 +4,7 @@ import torch
 
 import models
 from models import MODELS, ModelError, count_trainable_parameters, create_model
+from utils import UserError
 
 # The study's trainable parameter counts with 260 labels (Corel-5k).
 STUDY_PARAMETERS = {"Xception": 21_339_692, "ResNeXt50": 23_512_644, "TResNet": 29_872_772, "ResNet101": 43_032_900}
@@ -66,5 +67,5 @@ def test_missing_or_wrong_weights_file_is_one_sentence(tmp_path):
         create_model("TinyResNet", 4, weights=tmp_path / "nope.pth")
     wrong = tmp_path / "wrong.pth"
     torch.save({"not": torch.zeros(1)}, wrong)
-    with pytest.raises(ModelError, match="Could not load --weights"):
+    with pytest.raises(UserError, match="does not fit this backbone: 90 of its tensors are missing"):
         create_model("TinyResNet", 4, weights=wrong)
