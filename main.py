@@ -21,8 +21,10 @@ from heads import GCN_P, GCN_TAU, HEADS, LABEL_EMBEDDINGS
 from image_cache import MODES as CACHE_MODES
 from losses import LOSSES
 from models import DEFAULT_MODEL, MODELS, STRIDE
-from recipes import FOCUSING_LOSSES, NORMALISE_SOURCES, RECIPES, resolve, valid_normalise
-from report import compare_runs, evaluate_run, predict_paths
+from recipes import RECIPES, recipe_problems, resolve
+from export import export_run
+from predict import predict_paths
+from report import compare_runs, evaluate_run
 from thresholds import THRESHOLD_METHODS
 from trainer import RUNTIME_FLAGS, resume_config, train
 from utils import DefaultsHelpFormatter, UserError
@@ -183,41 +185,27 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "ratios (0; default recipe)")
     g.add_argument("--threshold-grid", default=None, type=float, nargs="+", metavar="T",
                    help="threshold grid (default: the study's 0.05, 0.10, ..., 0.70)")
+    g.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="--evaluate: the literature's protocol, each test image annotated with its K best labels "
+                        "(default 5); --predict: K labels per image instead of the fitted thresholds")
 
     g = parser.add_argument_group("prediction and comparison")
-    g.add_argument("--predict", default=None, metavar="PATH", help="annotate one image or a folder of images")
+    g.add_argument("--predict", default=None, metavar="PATH",
+                   help="annotate one image or a folder of images (--checkpoint: a run directory or an exported .onnx)")
     g.add_argument("--output", default=None, metavar="PATH", help="--predict: output prefix for .csv/.json "
                    "(default: <run>/predictions)")
+    g.add_argument("--min-score", type=float, default=None, metavar="S",
+                   help="--predict: only labels scoring at least S (with --top-k: at most K labels, none below S)")
     g.add_argument("--compare", default=None, nargs="+", metavar="RUN_DIR", help="one markdown table of several runs")
+    g.add_argument("--export", default=None, choices=["onnx"],
+                   help="the run's best.pth with its thresholds as one ONNX file (<run>/model.onnx or --output), "
+                        "checked against PyTorch; --predict PATH --checkpoint model.onnx then needs ONNX Runtime only")
     return parser
-
-
-def _recipe_problems(args: argparse.Namespace) -> list[str]:
-    """Problems with the recipe-controlled flags; a None (unset) flag is the recipe's and is not checked."""
-    problems = []
-    if args.epochs is not None and args.epochs < 1:
-        problems.append(f"--epochs must be at least 1 (got {args.epochs})")
-    if args.schedule_epochs is not None and not args.schedule_epochs > 0:
-        problems.append(f"--schedule-epochs must be a positive number of epochs (got {args.schedule_epochs})")
-    if args.loss_eps is not None and not 0 <= args.loss_eps < 0.5:
-        problems.append(f"--loss-eps must be in [0, 0.5) (got {args.loss_eps}; the study uses 1e-8)")
-    if args.metric_epsilon is not None and not 0 <= args.metric_epsilon < 0.01:
-        problems.append(f"--metric-epsilon must be in [0, 0.01) (got {args.metric_epsilon}; the study uses 1e-7)")
-    if args.loss_function not in FOCUSING_LOSSES:
-        given = [f for f, v in (("--loss-eps", args.loss_eps), ("--detach-focusing", args.detach_focusing)) if v is not None]
-        if given:
-            problems.append(f"{' and '.join(given)} apply to {' and '.join(FOCUSING_LOSSES)}, not {args.loss_function}")
-    if args.normalise is not None and not valid_normalise(args.normalise):
-        problems.append(f"--normalise takes {', '.join(NORMALISE_SOURCES)} or six numbers MEAN_R MEAN_G MEAN_B "
-                        f"STD_R STD_G STD_B with positive stds (got {' '.join(args.normalise)})")
-    if args.val_size < 1 and args.select_on_test is False:
-        problems.append(f"--val-size must be at least 1 (got {args.val_size}); or use --select-on-test")
-    return problems
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Reject nonsense before any work starts, one sentence per problem."""
-    problems = _recipe_problems(args)
+    problems = recipe_problems(vars(args))
     if args.batch_size < 1:
         problems.append(f"--batch-size must be at least 1 (got {args.batch_size})")
     if args.image_size < STRIDE or args.image_size % STRIDE:
@@ -243,6 +231,10 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append(f"--gcn-p must be in [0, 1] (got {args.gcn_p})")
     if args.label_embeddings != "learned" and args.head != "gcn":
         problems.append(f"--label-embeddings {args.label_embeddings} is for --head gcn (got --head {args.head})")
+    if args.top_k is not None and args.top_k < 1:
+        problems.append(f"--top-k must be at least 1 (got {args.top_k})")
+    if args.min_score is not None and not 0 <= args.min_score <= 1:
+        problems.append(f"--min-score must be a probability in [0, 1] (got {args.min_score})")
     if not 0 <= args.dropout < 1:
         problems.append(f"--dropout must be in [0, 1) (got {args.dropout})")
     if not 0 <= args.cutout <= 1:
@@ -263,7 +255,7 @@ def config_defaults() -> dict:
 
 def main(args: argparse.Namespace):
     """Validate, then dispatch on the mode flags; returns the run directory (training) or the mode's result."""
-    if not (args.evaluate or args.predict or args.compare or args.resume):
+    if not (args.evaluate or args.predict or args.compare or args.resume or args.export):
         # Training: the defaults that stay None for the --checkpoint modes, then the recipe's values for every
         # recipe flag left unset; a new Namespace, so the caller's args are untouched.
         args = argparse.Namespace(**resolve({**vars(args), "model": args.model or DEFAULT_MODEL,
@@ -273,6 +265,8 @@ def main(args: argparse.Namespace):
         table = compare_runs(args.compare)
         say(table)
         return table
+    if args.export:
+        return export_run(args, config_defaults())
     if args.predict:
         return predict_paths(args, config_defaults())
     if args.evaluate:

@@ -32,7 +32,10 @@ __all__ = [
     "confusion_counts",
     "grid_confusion_counts",
     "per_label_metrics",
+    "ranking_metrics",
     "safe_divide",
+    "top_k",
+    "top_k_metrics",
 ]
 
 
@@ -221,7 +224,11 @@ def per_label_metrics(targets: Tensor, probs: Tensor, thresholds: Thresholds = 0
     * ``support`` TP_c + FN_c, ``predicted`` TP_c + FP_c, ``tp`` TP_c (int64).
     """
     targets, probs = _check_pair(targets, probs)
-    preds = binarize(probs, thresholds, strict)  # (N, C)
+    return _per_label(targets, probs, binarize(probs, thresholds, strict))
+
+
+def _per_label(targets: Tensor, probs: Tensor, preds: Tensor) -> dict[str, Tensor]:
+    """per_label_metrics of validated bool targets (N, C), probs (N, C) and predictions (N, C)."""
     tp, fp, fn, _ = _confusion(targets, preds)  # each (C,)
     return {
         "precision": safe_divide(tp, tp + fp),
@@ -253,7 +260,12 @@ def compute_metrics(targets: Tensor, probs: Tensor, thresholds: Thresholds = 0.5
     ``epsilon > 0`` computes the six P/R/F1 figures as the study's code does: every ratio a / (b + epsilon) and
     F1 = 2 P R / (P + R + epsilon) (the study: 1e-7), instead of exact ratios with 0 for 0/0.
     """
-    per_label = per_label_metrics(targets, probs, thresholds, strict)
+    targets, probs = _check_pair(targets, probs)
+    return _summary(_per_label(targets, probs, binarize(probs, thresholds, strict)), epsilon)
+
+
+def _summary(per_label: dict[str, Tensor], epsilon: float = 0.0) -> dict[str, float]:
+    """compute_metrics' figures from per-label counts (see there)."""
     tp, predicted, support = per_label["tp"], per_label["predicted"], per_label["support"]
 
     def ratio(a: Tensor, b: Tensor) -> Tensor:
@@ -272,3 +284,58 @@ def compute_metrics(targets: Tensor, probs: Tensor, thresholds: Thresholds = 0.5
         "N+": int((tp > 0).sum().item()),
         "mAP": 100.0 * per_label["ap"].nanmean().item(),
     }
+
+
+def top_k(probs: Tensor, k: int) -> Tensor:
+    """Predictions (N, C) bool: each image's k highest-scoring labels (the annotation literature's protocol, k = 5).
+
+    Ties at the k-th score go to the label that comes first in the vocabulary (a stable descending sort), so the
+    result is deterministic. k >= C predicts every label.
+    """
+    probs = torch.as_tensor(probs)
+    if probs.dim() != 2 or isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"top_k needs probs of shape (N, C) and k >= 1; got shape {tuple(probs.shape)} and k={k!r}.")
+    order = torch.sort(probs, dim=1, descending=True, stable=True).indices[:, :k]  # (N, min(k, C))
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, True)
+
+
+def top_k_metrics(targets: Tensor, probs: Tensor, k: int = 5) -> dict[str, float]:
+    """compute_metrics' figures when every image is annotated with its k highest-scoring labels (`top_k`)."""
+    targets, probs = _check_pair(targets, probs)
+    return _summary(_per_label(targets, probs, top_k(probs, k)))
+
+
+def ranking_metrics(targets: Tensor, probs: Tensor) -> dict[str, float]:
+    """Threshold-free ranking quality of each image's label scores, as plain numbers (scikit-learn's definitions).
+
+    With rank_nc = #{l : p_nl >= p_nc} (ties share the worst rank) and L_nc = #{relevant l : p_nl >= p_nc}:
+
+    * ``ranking/lrap`` label-ranking average precision: mean_n mean_{relevant c} L_nc / rank_nc; an image with no
+      relevant label, or only relevant ones, scores 1.
+    * ``ranking/coverage`` coverage error: mean_n max_{relevant c} rank_nc (how far down the ranking one must go to
+      cover every true label); 0 for an image with no label.
+    * ``ranking/loss`` ranking loss: mean_n #{(relevant c, irrelevant u) : p_nu >= p_nc} / (|relevant| |irrelevant|);
+      0 for an image with no relevant or no irrelevant label.
+    * ``ranking/one_error`` the fraction of images (with at least one label) whose top-scored label (the first in
+      the vocabulary on ties) is not one of theirs.
+
+    Vectorised: each row sorted once, ranks counted with searchsorted; no loop over images or labels.
+    """
+    targets, probs = _check_pair(targets, probs)
+    num_labels = probs.shape[1]
+    ascending = torch.sort(probs, dim=1).values.contiguous()  # (N, C)
+    rank = num_labels - torch.searchsorted(ascending, probs.contiguous())  # (N, C) #{l : p_l >= p_c}
+    relevant_only = torch.sort(torch.where(targets, probs, -1.0), dim=1).values.contiguous()  # others below 0
+    relevant_rank = num_labels - torch.searchsorted(relevant_only, probs.contiguous())  # (N, C)
+    n_rel = targets.sum(1)  # (N,)
+    ranked = (n_rel > 0) & (n_rel < num_labels)  # images whose ranking has a meaning
+    ratio = torch.where(targets, relevant_rank.double() / rank, 0.0).sum(1) / n_rel.clamp(min=1)  # (N,) float64
+    lrap = torch.where(ranked, ratio, 1.0)
+    coverage = torch.where(targets, rank, 0).amax(1)  # (N,) 0 without labels
+    wrong_pairs = torch.where(targets, rank - relevant_rank, 0).sum(1)  # (N,) irrelevant at or above each relevant
+    loss = torch.where(ranked, wrong_pairs.double() / (n_rel * (num_labels - n_rel)).clamp(min=1), 0.0)
+    labelled = n_rel > 0
+    top_is_wrong = ~targets.gather(1, probs.argmax(1, keepdim=True)).squeeze(1)  # (N,)
+    one_error = (top_is_wrong & labelled).sum().double() / labelled.sum().clamp(min=1)
+    return {"ranking/lrap": lrap.double().mean().item(), "ranking/coverage": coverage.double().mean().item(),
+            "ranking/loss": loss.double().mean().item(), "ranking/one_error": one_error.item()}

@@ -10,6 +10,7 @@ and `resolve` then gives them the default recipe, which is what those runs did.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
 from utils import UserError
@@ -139,3 +140,28 @@ def describe(config: Mapping[str, Any]) -> list[tuple[str, str]]:
                            f"fallback {config['threshold_fallback']}, predict p {'>' if config['threshold_compare'] == 'gt' else '>='} t, "
                            f"metric epsilon {config['metric_epsilon']:g}"),
             ("model selection", "test set (every epoch)" if config["select_on_test"] else "validation split")]
+
+
+def recipe_problems(config: Mapping[str, Any]) -> list[str]:
+    """One sentence per problem with the recipe-controlled flags of `config`; a None (unset) flag is the recipe's
+    and is not checked."""
+    args = SimpleNamespace(**config)
+    problems = []
+    if args.epochs is not None and args.epochs < 1:
+        problems.append(f"--epochs must be at least 1 (got {args.epochs})")
+    if args.schedule_epochs is not None and not args.schedule_epochs > 0:
+        problems.append(f"--schedule-epochs must be a positive number of epochs (got {args.schedule_epochs})")
+    if args.loss_eps is not None and not 0 <= args.loss_eps < 0.5:
+        problems.append(f"--loss-eps must be in [0, 0.5) (got {args.loss_eps}; the study uses 1e-8)")
+    if args.metric_epsilon is not None and not 0 <= args.metric_epsilon < 0.01:
+        problems.append(f"--metric-epsilon must be in [0, 0.01) (got {args.metric_epsilon}; the study uses 1e-7)")
+    if args.loss_function not in FOCUSING_LOSSES:
+        given = [f for f, v in (("--loss-eps", args.loss_eps), ("--detach-focusing", args.detach_focusing)) if v is not None]
+        if given:
+            problems.append(f"{' and '.join(given)} apply to {' and '.join(FOCUSING_LOSSES)}, not {args.loss_function}")
+    if args.normalise is not None and not valid_normalise(args.normalise):
+        problems.append(f"--normalise takes {', '.join(NORMALISE_SOURCES)} or six numbers MEAN_R MEAN_G MEAN_B "
+                        f"STD_R STD_G STD_B with positive stds (got {' '.join(args.normalise)})")
+    if args.val_size < 1 and args.select_on_test is False:
+        problems.append(f"--val-size must be at least 1 (got {args.val_size}); or use --select-on-test")
+    return problems

@@ -1,4 +1,4 @@
-"""Evaluation report (--evaluate), prediction for new images (--predict) and run comparison (--compare).
+"""Evaluation report (--evaluate) and run comparison (--compare); --predict is predict.py, --export export.py.
 
 --evaluate loads a run's best checkpoint, fits per-label thresholds on the threshold split (validation by
 default), and writes under the run directory:
@@ -27,20 +27,20 @@ from checkpoint import (CheckpointError, check_model, check_vocabulary, find_lat
 from dataset import DEFAULT_DATA, BadImageError, Split, to_rgb
 from distributed import World, get_device, init_distributed
 from engine import BatchPreprocessor, predict, resolve_precision
-from metrics import binarize, compute_metrics, per_label_metrics
+from metrics import binarize, compute_metrics, per_label_metrics, ranking_metrics, top_k, top_k_metrics
 from models import DEFAULT_MODEL, normalisation
 from thresholds import DEFAULT_GRID, fit_thresholds
 from recipes import EVALUATION_KEYS, describe, resolve
 from trainer import eval_loader, load_data, model_from_config, training_flips
-from utils import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text
+from utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+TOP_K = 5  # the annotation literature's protocol: 5 labels per image
 METRIC_ROWS = (("per_image/precision", "Per-image P"), ("per_image/recall", "Per-image R"),
                ("per_image/f1", "Per-image F1"), ("per_class/precision", "Per-class P"),
                ("per_class/recall", "Per-class R"), ("per_class/f1", "Per-class F1"), ("N+", "N+"), ("mAP", "mAP"))
 
 
-def _run_dir(args: argparse.Namespace) -> Path:
+def run_directory(args: argparse.Namespace) -> Path:
     if args.checkpoint:
         return Path(args.checkpoint)
     return find_latest_run(args.save_dir, args.model or DEFAULT_MODEL, args.loss_function, args.data or DEFAULT_DATA)
@@ -68,7 +68,7 @@ def evaluation_settings(args: argparse.Namespace, config: dict) -> dict:
     (its recipe's) value; plus the method and the grid."""
     settings = {key: getattr(args, key) if getattr(args, key) is not None else config[key] for key in EVALUATION_KEYS}
     grid = torch.tensor(args.threshold_grid, dtype=torch.float64) if args.threshold_grid else DEFAULT_GRID
-    return {**settings, "threshold_method": args.threshold_method, "grid": grid}
+    return {**settings, "threshold_method": args.threshold_method, "grid": grid, "top_k": args.top_k or TOP_K}
 
 
 def _format(value) -> str:
@@ -79,7 +79,9 @@ def markdown_tables(results: dict) -> str:
     """The study's tables as markdown: one row per thresholding, the study's columns."""
     header = "| Thresholds | " + " | ".join(name for _, name in METRIC_ROWS) + " |"
     lines = [header, "|" + "---|" * (len(METRIC_ROWS) + 1)]
-    for key, name in (("default", "0.5"), ("mcc", results["run"]["threshold_method"].upper())):
+    rows = [("default", "0.5"), ("mcc", results["run"]["threshold_method"].upper()),
+            ("top_k", f"top-{results['run']['top_k']}")]
+    for key, name in rows:
         lines.append(f"| {name} | " + " | ".join(_format(results[key][k]) for k, _ in METRIC_ROWS) + " |")
     return "\n".join(lines)
 
@@ -97,9 +99,19 @@ def _results_markdown(results: dict) -> str:
             f"{run['best_source']} weights), seed {run['seed']}.\n\n"
             f"{markdown_tables(results)}\n\n"
             f"| choice | this run |\n|---|---|\n{recipe}\n| input mean / std | {stats['mean']} / {stats['std']} |\n\n"
+            f"{_ranking_line(results)}"
             f"Per-class F1 is 2PR/(P+R) of the label-averaged precision P and recall R; the mean of per-label F1 is "
             f"{results['mcc']['per_class/f1_mean_per_label']:.4f} with the fitted thresholds "
             f"({results['default']['per_class/f1_mean_per_label']:.4f} at 0.5). mAP is in percent.\n")
+
+
+def _ranking_line(results: dict) -> str:
+    """The top-k protocol and the ranking metrics in words (results of --evaluate)."""
+    r, k = results["ranking"], results["run"]["top_k"]
+    return (f"top-{k}: every test image annotated with its {k} highest-scoring labels (ties to the label listed first), "
+            f"as the annotation literature's tables. Ranking, threshold-free: label-ranking average precision "
+            f"{r['ranking/lrap']:.4f}, coverage error {r['ranking/coverage']:.2f}, ranking loss "
+            f"{r['ranking/loss']:.4f}, one-error {r['ranking/one_error']:.4f}.\n\n")
 
 
 def marked_labels(scores: torch.Tensor, predicted: torch.Tensor, truth: torch.Tensor, vocabulary: list[str]) -> str:
@@ -210,15 +222,18 @@ def fit_run_thresholds(model, data, config: dict, settings: dict, args: argparse
 
 
 def score_test_set(test: dict, thresholds: torch.Tensor, settings: dict) -> dict:
-    """{"default": metrics at 0.5, "mcc": metrics with the fitted thresholds} under the evaluation's rule."""
+    """{"default": metrics at 0.5, "mcc": metrics with the fitted thresholds} under the evaluation's rule, "top_k":
+    each image annotated with its k best labels (the literature's protocol), "ranking": threshold-free ranking."""
     rule = dict(strict=settings["threshold_compare"] == "gt", epsilon=settings["metric_epsilon"])
     return {"default": compute_metrics(test["targets"], test["probs"], 0.5, **rule),
-            "mcc": compute_metrics(test["targets"], test["probs"], thresholds, **rule)}
+            "mcc": compute_metrics(test["targets"], test["probs"], thresholds, **rule),
+            "top_k": top_k_metrics(test["targets"], test["probs"], settings["top_k"]),
+            "ranking": ranking_metrics(test["targets"], test["probs"])}
 
 
 def evaluate_run(args: argparse.Namespace, defaults: dict) -> dict:
     """Fit thresholds on the threshold split, evaluate the test set, write the four report files; returns results."""
-    run_dir = _run_dir(args)
+    run_dir = run_directory(args)
     world, device = init_distributed(get_device(args.device))
     model, ckpt, config = load_run_model(run_dir, args.model, defaults, device)
     data = load_data(config["data"] if args.data is None else args.data, config, skip_bad_images(args, config), world)
@@ -246,10 +261,13 @@ def evaluate_run(args: argparse.Namespace, defaults: dict) -> dict:
     return results
 
 
-def per_label_csv(vocabulary: list[str], train: Split, test: dict, thresholds: torch.Tensor, strict: bool) -> str:
+def per_label_csv(vocabulary: list[str], train: Split, test: dict, thresholds: torch.Tensor, strict: bool,
+                  k: int = TOP_K) -> str:
     """per_label.csv: each label's training images (originals; GAN copies in their own column), test images, fitted
-    threshold, and its test precision, recall, F1 (under the evaluation's rule) and AP."""
+    threshold, and its test precision, recall, F1 (under the evaluation's rule), AP, and P/R/F1 under the top-k
+    protocol."""
     per_label = per_label_metrics(test["targets"], test["probs"], thresholds, strict)
+    ranked = per_label_metrics(test["targets"], top_k(test["probs"], k).float(), 0.5)  # 1 for the k best, else 0
     generated = train.generated  # (N,) bool
     originals = train.targets[~generated].sum(0).long().tolist()
     copies = train.targets[generated].sum(0).long().tolist()
@@ -257,12 +275,13 @@ def per_label_csv(vocabulary: list[str], train: Split, test: dict, thresholds: t
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["label", "train_frequency", "train_gan_copies", "test_frequency", "threshold", "precision",
-                     "recall", "f1", "ap"])
+                     "recall", "f1", "ap", f"top{k}_precision", f"top{k}_recall", f"top{k}_f1"])
     for j, label in enumerate(vocabulary):
         ap = float(per_label["ap"][j])
         writer.writerow([label, originals[j], copies[j], test_freq[j], f"{float(thresholds[j]):.6g}",
                          f"{float(per_label['precision'][j]):.4f}", f"{float(per_label['recall'][j]):.4f}",
-                         f"{float(per_label['f1'][j]):.4f}", "" if math.isnan(ap) else f"{ap:.4f}"])
+                         f"{float(per_label['f1'][j]):.4f}", "" if math.isnan(ap) else f"{ap:.4f}",
+                         *(f"{float(ranked[m][j]):.4f}" for m in ("precision", "recall", "f1"))])
     return buffer.getvalue()
 
 
@@ -286,70 +305,11 @@ def write_report(run_dir: Path, results: dict, data, predictions: dict, threshol
     test = predictions["test"]
     atomic_write_json(run_dir / "results.json", results)
     atomic_write_text(run_dir / "results.md", _results_markdown(results))
-    atomic_write_text(run_dir / "per_label.csv", per_label_csv(data.vocabulary, data.train, test, thresholds, strict))
+    atomic_write_text(run_dir / "per_label.csv", per_label_csv(data.vocabulary, data.train, test, thresholds, strict,
+                                                               results["run"]["top_k"]))
     atomic_write_bytes(run_dir / "evaluation.npz", evaluation_arrays(data.vocabulary, predictions, thresholds))
     panels = figure_panels(data.test, test["probs"], test["indices"], thresholds, data.vocabulary, strict=strict)
     atomic_write_bytes(run_dir / "predictions.png", predictions_figure(panels, results["run"]["threshold_method"]))
-
-
-def _image_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if files:
-            return files
-        raise UserError(f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under '{path}'.")
-    raise UserError(f"--predict path '{path}' does not exist; give an image file or a folder of images.")
-
-
-def annotate(probs: torch.Tensor, thresholds: torch.Tensor, vocabulary: list[str], strict: bool = False) -> list[dict]:
-    """Labels of one image (C,) scores: those at or above their threshold (above, if `strict`), highest score first."""
-    chosen = (probs > thresholds if strict else probs >= thresholds).nonzero().flatten().tolist()
-    chosen.sort(key=lambda j: -float(probs[j]))
-    return [{"label": vocabulary[j], "score": round(float(probs[j]), 4)} for j in chosen]
-
-
-def write_predictions(prefix: Path, rows: list[dict]) -> None:
-    """<prefix>.json (the rows) and <prefix>.csv (image, labels, scores), each written atomically."""
-    atomic_write_json(prefix.with_suffix(".json"), rows)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["image", "labels", "scores"])
-    for row in rows:
-        writer.writerow([row["image"], " ".join(x["label"] for x in row["labels"]),
-                         " ".join(f"{x['score']:.4f}" for x in row["labels"])])
-    atomic_write_text(prefix.with_suffix(".csv"), buffer.getvalue())
-    print(f"Wrote {prefix.with_suffix('.csv')} and {prefix.with_suffix('.json')}", flush=True)
-
-
-def predict_paths(args: argparse.Namespace, defaults: dict) -> list[dict]:
-    """Annotate an image or a folder with a run's best checkpoint and its stored thresholds.
-
-    Prints `image  label:score ...` per image and writes <output>.csv and <output>.json.
-    """
-    files = _image_files(Path(args.predict))
-    run_dir = _run_dir(args)
-    device = get_device(args.device)
-    model, ckpt, config = load_run_model(run_dir, args.model, defaults, device)
-    vocabulary, thresholds, compare = ckpt["vocabulary"], ckpt["thresholds"], ckpt["threshold_compare"]
-    if thresholds is None:
-        print(f"Note: {run_dir} has no fitted thresholds yet (run --evaluate first); using 0.5 for every label.",
-              flush=True)
-        thresholds, compare = torch.full((len(vocabulary),), 0.5), config["threshold_compare"]
-    split = Split("predict", [str(f) for f in files], files, torch.zeros(len(files), len(vocabulary)))
-    preprocess = run_preprocessor(model, ckpt, args, device)
-    loader = eval_loader(split, config["image_size"], args.batch_size, args.num_workers, World(), device,
-                         args.skip_bad_images)
-    out = predict(model, loader, device, preprocess, desc="predict", progress=args.progress)
-    rows = []
-    for index, probs in zip(out["indices"].tolist(), out["probs"]):
-        rows.append({"image": str(files[index]), "labels": annotate(probs, thresholds, vocabulary, compare == "gt")})
-        print(f"{files[index]}  " + " ".join(f"{x['label']}:{x['score']:.3f}" for x in rows[-1]["labels"]), flush=True)
-    for index in out["bad"].tolist():
-        print(f"{files[index]}  (unreadable, skipped)", flush=True)
-    write_predictions(Path(args.output) if args.output else run_dir / "predictions", rows)
-    return rows
 
 
 def compare_runs(run_dirs: list[str]) -> str:

@@ -340,3 +340,54 @@ def test_probabilities_above_one_and_nan_thresholds_are_refused_with_their_sente
 
 def test_binarize_defaults_to_one_half():
     assert M.binarize(torch.tensor([[0.49, 0.5, 0.51]])).tolist() == [[False, True, True]]
+
+
+# ---------------------------------------------------------------- the literature's top-k protocol and ranking metrics
+
+def _numpy_top_k(y, p, k):
+    """Ten lines of numpy: each image's k best labels (ties to the lower label index), then the table's figures."""
+    order = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    pred = np.zeros_like(y, dtype=bool)
+    np.put_along_axis(pred, order, True, axis=1)
+    tp, predicted, support = (pred & (y == 1)).sum(0), pred.sum(0), y.sum(0)
+    P = np.mean(np.divide(tp, predicted, out=np.zeros(len(tp)), where=predicted > 0))
+    R = np.mean(np.divide(tp, support, out=np.zeros(len(tp)), where=support > 0))
+    ip, ir = tp.sum() / predicted.sum(), tp.sum() / support.sum()
+    return {"per_class/precision": P, "per_class/recall": R, "per_class/f1": 2 * P * R / (P + R),
+            "per_image/precision": ip, "per_image/recall": ir, "per_image/f1": 2 * ip * ir / (ip + ir),
+            "N+": int((tp > 0).sum())}
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_top_k_figures_equal_a_numpy_recomputation_with_ties(k):
+    rng = np.random.default_rng(k)
+    y = (rng.random((40, 9)) < 0.3).astype(int)
+    p = np.round(rng.random((40, 9)), 1)  # many ties, also at the k-th score
+    ours = M.top_k_metrics(torch.tensor(y), torch.tensor(p), k)
+    for key, value in _numpy_top_k(y, p, k).items():
+        assert ours[key] == pytest.approx(value, rel=1e-12), key
+    assert M.top_k(torch.tensor(p), k).sum(1).tolist() == [k] * 40
+
+
+def test_top_k_breaks_ties_towards_the_first_label():
+    assert M.top_k(torch.tensor([[0.5, 0.9, 0.5, 0.5, 0.1]]), 2).tolist() == [[True, True, False, False, False]]
+    assert M.top_k(torch.tensor([[0.2, 0.1]]), 5).tolist() == [[True, True]]
+    with pytest.raises(ValueError, match="k >= 1"):
+        M.top_k(torch.tensor([[0.2, 0.1]]), 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ranking_metrics_equal_scikit_learn(seed):
+    from sklearn.metrics import coverage_error, label_ranking_average_precision_score, label_ranking_loss
+
+    rng = np.random.default_rng(seed)
+    y = (rng.random((60, 8)) < 0.3).astype(int)
+    y[0], y[1] = 0, 1  # an image with no label and one with every label
+    p = np.round(rng.random((60, 8)), 1).astype(np.float32)  # ties
+    ours = M.ranking_metrics(torch.tensor(y), torch.tensor(p))
+    assert ours["ranking/lrap"] == pytest.approx(label_ranking_average_precision_score(y, p), rel=1e-12)
+    assert ours["ranking/coverage"] == pytest.approx(coverage_error(y, p), rel=1e-12)
+    assert ours["ranking/loss"] == pytest.approx(label_ranking_loss(y, p), rel=1e-12)
+    labelled = y.sum(1) > 0
+    top = np.argmax(p, axis=1)  # numpy's argmax also takes the first of equal scores
+    assert ours["ranking/one_error"] == pytest.approx(np.mean(y[labelled, top[labelled]] == 0), rel=1e-12)

@@ -202,3 +202,26 @@ def test_every_compare_cell_is_its_runs_results_json(run, capsys):
     assert int(cells["N+ +MCC"]) == results["mcc"]["N+"]
     assert float(cells["mAP"]) == pytest.approx(results["mcc"]["mAP"], abs=5e-3)
     assert re.fullmatch(r"\d+\.\d{4}", cells["Per-class F1 +MCC"])
+
+
+def test_top_k_and_ranking_blocks_are_recomputed_from_the_saved_predictions(run):
+    from sklearn.metrics import coverage_error, label_ranking_average_precision_score, label_ranking_loss
+
+    run_dir, _ = run
+    results, saved = evaluate(run_dir, "--top-k", "2")
+    y, p = saved["test_targets"].astype(int), saved["test_probs"]
+    order = np.argsort(-p, axis=1, kind="stable")[:, :2]  # each image's 2 best labels, ties to the first
+    pred = np.zeros_like(y, dtype=bool)
+    np.put_along_axis(pred, order, True, axis=1)
+    prec, rec, _, _ = precision_recall_fscore_support(y, pred, average=None, zero_division=0)
+    micro = precision_recall_fscore_support(y, pred, average="micro", zero_division=0)
+    assert results["run"]["top_k"] == 2
+    assert results["top_k"]["per_class/precision"] == pytest.approx(prec.mean(), rel=1e-9)
+    assert results["top_k"]["per_class/recall"] == pytest.approx(rec.mean(), rel=1e-9)
+    assert results["top_k"]["per_image/f1"] == pytest.approx(micro[2], rel=1e-9)
+    assert results["top_k"]["N+"] == int(((pred & (y == 1)).sum(0) > 0).sum())
+    assert results["ranking"]["ranking/lrap"] == pytest.approx(label_ranking_average_precision_score(y, p), rel=1e-9)
+    assert results["ranking"]["ranking/coverage"] == pytest.approx(coverage_error(y, p), rel=1e-9)
+    assert results["ranking"]["ranking/loss"] == pytest.approx(label_ranking_loss(y, p), rel=1e-9)
+    rows = _markdown_rows((run_dir / "results.md").read_text())
+    assert rows["top-2"][5] == f"{results['top_k']['per_class/f1']:.4f}"

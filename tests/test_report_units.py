@@ -13,7 +13,6 @@ from PIL import Image
 import report
 from checkpoint import CheckpointError
 from dataset import Split
-from utils import UserError
 
 KEYS = ("per_image/precision", "per_image/recall", "per_image/f1", "per_class/precision", "per_class/recall",
         "per_class/f1", "N+", "mAP")
@@ -23,11 +22,13 @@ def results(method="mcc"):
     default = dict(zip(KEYS, (0.5, 0.25, 0.33333, 0.125, 1.0, 0.2222222, 3, 45.678)))
     fitted = dict(zip(KEYS, (0.75, 0.5, 0.6, 0.5, 0.75, 0.6, 4, 45.678)))
     default["per_class/f1_mean_per_label"], fitted["per_class/f1_mean_per_label"] = 0.11111, 0.55556
+    ranked = dict(zip(KEYS, (0.25, 0.75, 0.375, 0.5, 0.5, 0.5, 5, 45.678)))
+    ranking = {"ranking/lrap": 0.812345, "ranking/coverage": 3.456, "ranking/loss": 0.0912345, "ranking/one_error": 0.25}
     run = {"model": "TinyResNet", "loss_function": "BCELoss", "data": "demo", "threshold_method": method,
            "split_sizes": {"train": 8, "val": 2, "test": 5}, "protocol": "holdout", "threshold_split": "val",
            "threshold_fallback": "default", "image_size": 64, "epochs": 3, "best_epoch": 2, "best_source": "ema",
-           "seed": 7, "recipe": {"recipe": "default", "flips": "horizontal"}, "normalisation": None}
-    return {"default": default, "mcc": fitted, "thresholds": {}, "run": run}
+           "seed": 7, "recipe": {"recipe": "default", "flips": "horizontal"}, "normalisation": None, "top_k": 5}
+    return {"default": default, "mcc": fitted, "top_k": ranked, "ranking": ranking, "thresholds": {}, "run": run}
 
 
 def test_markdown_tables_format_every_cell():
@@ -35,7 +36,8 @@ def test_markdown_tables_format_every_cell():
         "| Thresholds | Per-image P | Per-image R | Per-image F1 | Per-class P | Per-class R | Per-class F1 | N+ | mAP |\n"
         "|---|---|---|---|---|---|---|---|---|\n"
         "| 0.5 | 0.5000 | 0.2500 | 0.3333 | 0.1250 | 1.0000 | 0.2222 | 3 | 45.68 |\n"
-        "| F1 | 0.7500 | 0.5000 | 0.6000 | 0.5000 | 0.7500 | 0.6000 | 4 | 45.68 |")
+        "| F1 | 0.7500 | 0.5000 | 0.6000 | 0.5000 | 0.7500 | 0.6000 | 4 | 45.68 |\n"
+        "| top-5 | 0.2500 | 0.7500 | 0.3750 | 0.5000 | 0.5000 | 0.5000 | 5 | 45.68 |")
 
 
 def test_results_markdown_states_the_run_its_recipe_and_the_per_label_mean():
@@ -46,6 +48,9 @@ def test_results_markdown_states_the_run_its_recipe_and_the_per_label_mean():
     assert "| choice | this run |\n|---|---|\n| recipe | default |\n| flips | horizontal |\n" in text
     assert "| input mean / std | the backbone's / the backbone's |" in text
     assert "mean of per-label F1 is 0.5556 with the fitted thresholds (0.1111 at 0.5)" in text
+    assert ("top-5: every test image annotated with its 5 highest-scoring labels (ties to the label listed first), as "
+            "the annotation literature's tables. Ranking, threshold-free: label-ranking average precision 0.8123, "
+            "coverage error 3.46, ranking loss 0.0912, one-error 0.2500.") in text
     study = results()
     study["run"].update(protocol="study", normalisation={"mean": [0.1, 0.2, 0.3], "std": [1, 2, 3]})
     text = report._results_markdown(study)
@@ -58,40 +63,22 @@ def test_format_keeps_integers_and_rounds_ratios_and_percentages():
         ["3", "0.1235", "1.0000", "1.50", "12.35", "100.00"]
 
 
-@pytest.mark.parametrize("strict, expected", [(False, ["sea", "sky", "sun"]), (True, ["sea", "sky"])])
-def test_annotate_orders_by_score_and_follows_the_comparison(strict, expected):
-    probs = torch.tensor([0.7, 0.9, 0.5, 0.1])
-    labels = report.annotate(probs, torch.tensor([0.5, 0.5, 0.5, 0.5]), ["sky", "sea", "sun", "moon"], strict)
-    assert [x["label"] for x in labels] == expected
-    assert labels[0] == {"label": "sea", "score": 0.9}
-    assert report.annotate(probs, torch.tensor([0.8, 0.95, 0.5, 0.05]), ["sky", "sea", "sun", "moon"]) == [
-        {"label": "sun", "score": 0.5}, {"label": "moon", "score": 0.1}]  # p >= t by default
-    assert report.annotate(torch.tensor([0.123456]), torch.tensor([0.1]), ["sky"]) == [{"label": "sky", "score": 0.1235}]
-
-
-def test_write_predictions_writes_the_rows_as_json_and_csv(tmp_path, capsys):
-    rows = [{"image": "a.jpg", "labels": [{"label": "sky", "score": 0.91234}, {"label": "sea", "score": 0.5}]},
-            {"image": "b.jpg", "labels": []}]
-    report.write_predictions(tmp_path / "out", rows)
-    assert json.loads((tmp_path / "out.json").read_text()) == rows
-    assert (tmp_path / "out.csv").read_text().splitlines() == ["image,labels,scores", "a.jpg,sky sea,0.9123 0.5000",
-                                                              "b.jpg,,"]
-    assert capsys.readouterr().out == f"Wrote {tmp_path / 'out.csv'} and {tmp_path / 'out.json'}\n"
-
-
 def test_per_label_csv_counts_originals_and_gan_copies_apart():
     targets = torch.tensor([[1.0, 0], [1, 1], [0, 1], [1, 0], [1, 1]])
     train = Split("train", ["a.jpeg", "b.jpeg", "a_aug.jpeg", "a_aug_hor_flip.jpeg", "b_aug.jpeg"], [None] * 5, targets,
                   sources=[None, None, "a.jpeg", "a.jpeg", "b.jpeg"])
     test = {"targets": torch.tensor([[1.0, 0], [0, 1], [1, 1]]), "probs": torch.tensor([[0.9, 0.2], [0.6, 0.6],
                                                                                        [0.4, 0.7]])}
-    text = report.per_label_csv(["sky", "sea"], train, test, torch.tensor([0.5, 0.6]), strict=False)
+    text = report.per_label_csv(["sky", "sea"], train, test, torch.tensor([0.5, 0.6]), strict=False, k=1)
     rows = list(csv.DictReader(io.StringIO(text)))
     # sky: predicted for images 0, 1 (TP 1, FP 1), missed image 2; sea: predicted 1, 2 (both TP).
+    # Top-1: image 0 -> sky, image 1 -> sky (a tie goes to the label listed first), image 2 -> sea.
     assert rows[0] == {"label": "sky", "train_frequency": "2", "train_gan_copies": "2", "test_frequency": "2",
-                       "threshold": "0.5", "precision": "0.5000", "recall": "0.5000", "f1": "0.5000", "ap": "0.8333"}
+                       "threshold": "0.5", "precision": "0.5000", "recall": "0.5000", "f1": "0.5000", "ap": "0.8333",
+                       "top1_precision": "0.5000", "top1_recall": "0.5000", "top1_f1": "0.5000"}
     assert rows[1] == {"label": "sea", "train_frequency": "1", "train_gan_copies": "2", "test_frequency": "2",
-                       "threshold": "0.6", "precision": "1.0000", "recall": "1.0000", "f1": "1.0000", "ap": "1.0000"}
+                       "threshold": "0.6", "precision": "1.0000", "recall": "1.0000", "f1": "1.0000", "ap": "1.0000",
+                       "top1_precision": "1.0000", "top1_recall": "0.5000", "top1_f1": "0.6667"}
     strict = list(csv.DictReader(io.StringIO(report.per_label_csv(["sky", "sea"], train, test,
                                                                   torch.tensor([0.5, 0.6]), strict=True))))
     assert strict[1]["recall"] == "0.5000"  # 0.6 > 0.6 is false: image 1 no longer gets 'sea'
@@ -134,11 +121,12 @@ def test_evaluation_settings_take_each_flag_given_else_the_runs():
     config = {"threshold_split": "train", "threshold_transform": "train", "threshold_fallback": "first",
               "threshold_compare": "gt", "metric_epsilon": 1e-7}
     args = argparse.Namespace(threshold_split=None, threshold_transform="eval", threshold_fallback=None,
-                              threshold_compare="ge", metric_epsilon=0.0, threshold_method="f1", threshold_grid=[0.2, 0.4])
+                              threshold_compare="ge", metric_epsilon=0.0, threshold_method="f1", threshold_grid=[0.2, 0.4],
+                              top_k=None)
     settings = report.evaluation_settings(args, config)
     assert {k: v for k, v in settings.items() if k != "grid"} == {
         "threshold_split": "train", "threshold_transform": "eval", "threshold_fallback": "first",
-        "threshold_compare": "ge", "metric_epsilon": 0.0, "threshold_method": "f1"}
+        "threshold_compare": "ge", "metric_epsilon": 0.0, "threshold_method": "f1", "top_k": 5}
     assert settings["grid"].tolist() == [0.2, 0.4]
     assert report.evaluation_settings(argparse.Namespace(**{**vars(args), "threshold_grid": None}), config)[
         "grid"].tolist() == pytest.approx([0.05 * k for k in range(1, 15)])
@@ -146,11 +134,15 @@ def test_evaluation_settings_take_each_flag_given_else_the_runs():
 
 def test_score_test_set_applies_the_comparison_and_epsilon():
     test = {"targets": torch.tensor([[1.0, 0], [0, 1]]), "probs": torch.tensor([[0.5, 0.2], [0.1, 0.5]])}
-    ge = report.score_test_set(test, torch.tensor([0.4, 0.4]), {"threshold_compare": "ge", "metric_epsilon": 0.0})
-    gt = report.score_test_set(test, torch.tensor([0.4, 0.4]), {"threshold_compare": "gt", "metric_epsilon": 1e-7})
+    ge = report.score_test_set(test, torch.tensor([0.4, 0.4]), {"threshold_compare": "ge", "metric_epsilon": 0.0,
+                                                                "top_k": 1})
+    gt = report.score_test_set(test, torch.tensor([0.4, 0.4]), {"threshold_compare": "gt", "metric_epsilon": 1e-7,
+                                                                "top_k": 1})
+    assert ge["top_k"]["per_image/recall"] == 1.0 and ge["ranking"]["ranking/lrap"] == 1.0
     assert ge["default"]["per_image/recall"] == 1.0 and gt["default"]["per_image/recall"] == 0.0
     assert ge["mcc"]["per_image/precision"] == 1.0 and gt["mcc"]["per_image/precision"] == 2 / (2 + 1e-7)
-    eps = report.score_test_set(test, torch.tensor([0.4, 0.4]), {"threshold_compare": "ge", "metric_epsilon": 1e-7})
+    eps = report.score_test_set(test, torch.tensor([0.4, 0.4]), {"threshold_compare": "ge", "metric_epsilon": 1e-7,
+                                                                 "top_k": 1})
     assert eps["mcc"]["per_image/precision"] == 2 / (2 + 1e-7) and eps["default"]["per_image/recall"] == 2 / (2 + 1e-7)
 
 
@@ -159,19 +151,6 @@ def test_skip_bad_images_is_on_when_the_command_or_the_training_asked():
 
     for given, trained, expected in ((False, False, False), (True, False, True), (False, True, True)):
         assert report.skip_bad_images(argparse.Namespace(skip_bad_images=given), {"skip_bad_images": trained}) is expected
-
-
-def test_image_files_lists_images_recursively_and_refuses_nothing(tmp_path):
-    (tmp_path / "sub").mkdir()
-    for name in ("b.JPG", "a.png", "sub/c.webp", "notes.txt"):
-        (tmp_path / name).write_bytes(b"x")
-    assert [p.relative_to(tmp_path).as_posix() for p in report._image_files(tmp_path)] == ["a.png", "b.JPG", "sub/c.webp"]
-    assert report._image_files(tmp_path / "a.png") == [tmp_path / "a.png"]
-    with pytest.raises(UserError, match="does not exist"):
-        report._image_files(tmp_path / "nope")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match=r"^No images \(.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp\) found under"):
-        report._image_files(tmp_path / "empty")
 
 
 def test_marked_labels_marks_right_wrong_and_missed():

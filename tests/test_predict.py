@@ -1,0 +1,165 @@
+"""--predict (predict.py) and --export onnx (export.py): labels from thresholds or the top k, streaming output that
+survives an interruption, unreadable files skipped, and an exported ONNX file that tags like the PyTorch model."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import export
+import predict
+from conftest import run_dirs, train_args
+from main import cli
+from utils import UserError
+
+
+@pytest.mark.parametrize("strict, expected", [(False, ["sea", "sky", "sun"]), (True, ["sea", "sky"])])
+def test_annotate_orders_by_score_and_follows_the_comparison(strict, expected):
+    probs = torch.tensor([0.7, 0.9, 0.5, 0.1])
+    labels = predict.annotate(probs, torch.tensor([0.5, 0.5, 0.5, 0.5]), ["sky", "sea", "sun", "moon"], strict)
+    assert [x["label"] for x in labels] == expected
+    assert labels[0] == {"label": "sea", "score": 0.9}
+    assert predict.annotate(probs, torch.tensor([0.8, 0.95, 0.5, 0.05]), ["sky", "sea", "sun", "moon"]) == [
+        {"label": "sun", "score": 0.5}, {"label": "moon", "score": 0.1}]  # p >= t by default
+    assert predict.annotate(torch.tensor([0.123456]), torch.tensor([0.1]), ["sky"]) == [{"label": "sky", "score": 0.1235}]
+
+
+def test_annotate_with_top_k_and_a_score_floor():
+    probs, t = torch.tensor([0.7, 0.9, 0.5, 0.1, 0.5]), torch.full((5,), 0.95)
+    vocabulary = ["sky", "sea", "sun", "moon", "tree"]
+    assert [x["label"] for x in predict.annotate(probs, t, vocabulary, k=3)] == ["sea", "sky", "sun"]  # tie: sun first
+    assert [x["label"] for x in predict.annotate(probs, t, vocabulary, k=3, min_score=0.6)] == ["sea", "sky"]
+    assert [x["label"] for x in predict.annotate(probs, torch.full((5,), 0.4), vocabulary, min_score=0.6)] == \
+        ["sea", "sky"]
+
+
+def test_image_files_lists_images_recursively_and_refuses_nothing(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("b.JPG", "a.png", "sub/c.webp", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in predict.image_files(tmp_path)] == ["a.png", "b.JPG", "sub/c.webp"]
+    assert predict.image_files(tmp_path / "a.png") == [tmp_path / "a.png"]
+    with pytest.raises(UserError, match="does not exist"):
+        predict.image_files(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"^No images \(.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp\) found under"):
+        predict.image_files(tmp_path / "empty")
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    from conftest import write_dataset
+
+    data = write_dataset(tmp_path_factory.mktemp("data") / "tiny")
+    save = tmp_path_factory.mktemp("runs")
+    cli(train_args(data, save, "--epochs", "2"))
+    (run,) = run_dirs(save)
+    cli(["--evaluate", "--checkpoint", str(run), "--num-workers", "0", "--no-progress"])
+    return run, data
+
+
+def tag(checkpoint, folder, output, *extra):
+    return predict.predict_paths(_args(["--predict", str(folder), "--checkpoint", str(checkpoint), "--num-workers", "0",
+                                        "--no-progress", "--output", str(output), *extra]), _defaults())
+
+
+def _args(argv):
+    from main import get_args_parser
+
+    return get_args_parser().parse_args(argv)
+
+
+def _defaults():
+    from main import config_defaults
+
+    return config_defaults()
+
+
+def test_an_interrupted_folder_run_keeps_its_rows_and_resumes_with_the_rest(evaluated_run, tmp_path, monkeypatch):
+    run, data = evaluated_run
+    complete = tag(run, data / "images", tmp_path / "all")
+    real_append, batches = predict._append, []
+
+    def append_then_stop(table, rows):
+        real_append(table, rows)
+        batches.append(len(rows))
+        if len(batches) == 2:
+            table.write("99999.jpeg,sky se")  # a line cut mid-write, then Ctrl-C
+            table.flush()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "_append", append_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        tag(run, data / "images", tmp_path / "part", "--batch-size", "8")
+    kept = (tmp_path / "part.csv").read_text().splitlines()
+    assert len(kept) == 1 + 16 + 1 and (tmp_path / "part.partial.json").is_file()  # header, 2 batches, a cut line
+    monkeypatch.setattr(predict, "_append", real_append)
+    with pytest.raises(UserError, match="unfinished --predict with other options"):
+        tag(run, data / "images", tmp_path / "part", "--top-k", "2")
+    resumed = tag(run, data / "images", tmp_path / "part", "--batch-size", "8")
+    assert resumed == complete and not (tmp_path / "part.partial.json").exists()
+    with (tmp_path / "part.csv").open() as f:
+        assert sorted(r["image"] for r in csv.DictReader(f)) == sorted(r["image"] for r in complete)
+    assert json.loads((tmp_path / "part.json").read_text()) == complete
+
+
+def test_unreadable_files_are_skipped_and_reported(evaluated_run, tmp_path, capsys):
+    run, data = evaluated_run
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("10000.jpeg", "10001.jpeg"):
+        (folder / name).write_bytes((data / "images" / name).read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    rows = tag(run, folder, tmp_path / "out")
+    out = capsys.readouterr().out
+    assert [r["image"].rsplit("/", 1)[-1] for r in rows] == ["10000.jpeg", "10001.jpeg"]
+    assert "broken.jpg  (unreadable, skipped)" in out and "Annotated 2 images (1 unreadable, skipped)" in out
+
+
+def test_an_exported_onnx_file_tags_like_the_pytorch_model(evaluated_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    run, data = evaluated_run
+    cli(["--export", "onnx", "--checkpoint", str(run), "--output", str(tmp_path / "model.onnx")])
+    annotator = export.OnnxAnnotator(tmp_path / "model.onnx")
+    best = torch.load(run / "best.pth", weights_only=True)
+    assert annotator.vocabulary == best["vocabulary"] and annotator.image_size == 32
+    torch.testing.assert_close(annotator.thresholds, best["thresholds"].float())
+    pytorch = tag(run, data / "images", tmp_path / "torch")
+    onnx = tag(tmp_path / "model.onnx", data / "images", tmp_path / "onnx")
+    assert [[x["label"] for x in r["labels"]] for r in onnx] == [[x["label"] for x in r["labels"]] for r in pytorch]
+    for a, b in zip(onnx, pytorch):
+        assert [x["score"] for x in a["labels"]] == pytest.approx([x["score"] for x in b["labels"]], abs=2e-4)
+
+
+def test_tagging_with_an_onnx_file_loads_neither_timm_nor_the_training_code(evaluated_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    run, data = evaluated_run
+    cli(["--export", "onnx", "--checkpoint", str(run), "--output", str(tmp_path / "model.onnx")])
+    script = (
+        "import argparse, sys; import predict\n"
+        f"args = argparse.Namespace(predict={str(data / 'images')!r}, checkpoint={str(tmp_path / 'model.onnx')!r}, "
+        f"output={str(tmp_path / 'alone')!r}, top_k=None, min_score=None, batch_size=8, num_workers=0, progress=False)\n"
+        "rows = predict.predict_paths(args, {})\n"
+        "print(len(rows), sorted({'timm', 'trainer', 'models', 'report', 'engine'} & set(sys.modules)))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(predict.__file__).parent, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "34 []"
+
+
+def test_an_export_that_disagrees_with_pytorch_is_not_written(evaluated_run, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    run, _ = evaluated_run
+    monkeypatch.setattr(export, "TOLERANCE", 0.0)
+    with pytest.raises(SystemExit):
+        cli(["--export", "onnx", "--checkpoint", str(run), "--output", str(tmp_path / "model.onnx")])
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_without_onnxruntime_one_sentence_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(export.ExportError, match="pip install onnx onnxruntime"):
+        export.OnnxAnnotator(tmp_path / "model.onnx")
