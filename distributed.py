@@ -51,6 +51,13 @@ def init_distributed(device: torch.device) -> tuple[World, torch.device]:
     return World(rank, world_size, local_rank), device
 
 
+def launch_world() -> World:
+    """This process's place among torchrun's processes (RANK, WORLD_SIZE, LOCAL_RANK), without joining a process
+    group: for work split by rank that needs no communication (a single process is World())."""
+    return World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                 int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def current_world() -> World:
     if not (dist.is_available() and dist.is_initialized()):
         return World()

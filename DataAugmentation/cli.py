@@ -4,12 +4,17 @@ Trains one WGAN-GP per training image of <root>/train.json, K images at a time, 
 to <root>/aug-images/ plus <root>/train_aug.json (see files.py). Resumable: images whose three outputs exist are
 skipped, and train_aug.json is rebuilt from what exists after every group, so Ctrl-C (or a crash) loses at most
 the group in flight.
+
+Under `torchrun --nproc-per-node N -m DataAugmentation ...` the pending images are dealt out by rank (each process on
+cuda:LOCAL_RANK, or the CPU); each image's random stream depends on (seed, name) only, so the files are the same as
+one process's, and a run stopped with N processes can be finished with any other number.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import DatasetError, read_annotations, resolve_data_root
-from distributed import get_device
+from distributed import World, get_device, launch_world
 from utils import DefaultsHelpFormatter, UserError
 
 from .files import (AUG_DIR, AUG_JSON, check_output_names, finished_images, load_real_image, save_outputs,
@@ -96,9 +101,8 @@ def _check_images(root: Path, names: Sequence[str]) -> list[Path]:
     return paths
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Generate the missing outputs; returns {"trained", "skipped", "entries", "group_size", "backend", "device",
-    "root"}."""
+def _settings(args: argparse.Namespace, world: World) -> tuple[GanConfig, torch.device, int, str]:
+    """(GAN size, device, group size K, backend) from the flags; under torchrun each process on cuda:LOCAL_RANK."""
     try:
         cfg = GanConfig(height=args.size[0], width=args.size[1])
     except ValueError as e:
@@ -112,60 +116,111 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--device {args.device} is not a device; use auto, cpu, cuda or cuda:N.") from None
     if device.type not in AUTO_GROUP_SIZE:
         raise UserError(f"--device {args.device} is not supported here; use auto, cpu or cuda.")
-    group_size = args.group_size or AUTO_GROUP_SIZE[device.type]
-    backend = AUTO_BACKEND[device.type] if args.backend == "auto" else args.backend
+    if device.type == "cuda" and world.world_size > 1:
+        device = torch.device("cuda", world.local_rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # static shapes per group: let cuDNN pick the grouped-conv kernels
+    return cfg, device, args.group_size or AUTO_GROUP_SIZE[device.type], (
+        AUTO_BACKEND[device.type] if args.backend == "auto" else args.backend)
 
+
+def share(pending: list, world: World) -> list:
+    """This process's part of the pending images: every world_size-th from its rank, so the shares differ by one
+    image at most and every process fills its groups of K alike (no rank idles while another finishes a long tail)."""
+    return pending[world.rank::world.world_size]
+
+
+@dataclass
+class Job:
+    """The dataset's side of a run: where to write, every sample of train.json, and this process's pending share."""
+
+    root: Path
+    all_samples: list[dict]
+    vocabulary: list[str]
+    samples: list[dict]  # the first --limit samples (all without --limit)
+    done: set[str]  # images whose three outputs exist
+    already: int  # samples finished before this run
+    mine: list[dict]  # this process's pending samples
+    paths: list[Path]  # their image files
+
+    def write_json(self) -> int:
+        """train_aug.json rebuilt from the outputs that exist (every finished image of train.json, in its order)."""
+        return write_train_aug(self.root / AUG_JSON, self.all_samples, self.vocabulary, self.done)
+
+
+def plan(args: argparse.Namespace, world: World) -> Job:
+    """What is left to do, from the files that exist: a resumed run, with any number of processes, skips them."""
     root = resolve_data_root(args.data)
     all_samples, vocabulary = read_annotations(root / "train.json")
     samples = all_samples[:args.limit] if args.limit is not None else all_samples
     if not samples:
         raise DatasetError(f"'{root / 'train.json'}' lists no samples; nothing to augment.")
     check_output_names([s["image_name"] for s in all_samples])
-    aug_dir = root / AUG_DIR
     # train_aug.json lists every finished image of train.json, also those beyond --limit from earlier runs.
-    done = finished_images(aug_dir, [s["image_name"] for s in all_samples])
+    done = finished_images(root / AUG_DIR, [s["image_name"] for s in all_samples])
     pending = [s for s in samples if s["image_name"] not in done]
-    paths = _check_images(root, [s["image_name"] for s in pending]) if pending else []
-    aug_dir.mkdir(parents=True, exist_ok=True)
-    entries = write_train_aug(root / AUG_JSON, all_samples, vocabulary, done)  # rebuilt from what exists
+    mine = share(pending, world)
+    paths = _check_images(root, [s["image_name"] for s in mine]) if mine else []
+    (root / AUG_DIR).mkdir(parents=True, exist_ok=True)
+    return Job(root, all_samples, vocabulary, samples, done, len(samples) - len(pending), mine, paths)
 
-    bar = tqdm(total=len(samples), initial=len(samples) - len(pending), unit="img", disable=not args.progress,
-               desc=f"ML-WGAN-GP K={group_size} {backend} {device.type}", dynamic_ncols=True)
-    last_refresh = [0.0]
 
-    def show_iteration(done_its: int, total_its: int) -> None:
-        # Within a group (minutes to hours on a CPU) show the iterations done; refresh at most every 2 s.
-        now = time.monotonic()
-        if now - last_refresh[0] > 2.0:
-            last_refresh[0] = now
-            bar.set_postfix_str(f"group it {done_its}/{total_its}{group_note}", refresh=True)
-
-    trained, group_note = 0, ""
+def train_share(job: Job, args: argparse.Namespace, cfg: GanConfig, device: torch.device, group_size: int,
+                backend: str, world: World) -> int:
+    """Train this process's images K at a time, writing each image's outputs as its group ends; returns the count.
+    Process 0 rebuilds train_aug.json after every group, so an interruption loses at most the groups in flight."""
+    label = f"rank {world.rank}/{world.world_size} " if world.world_size > 1 else ""
+    bar = tqdm(total=len(job.mine), unit="img", disable=not args.progress, dynamic_ncols=True, position=world.rank,
+               desc=f"{label}ML-WGAN-GP K={group_size} {backend} {device.type}")
+    show = _iteration_display(bar) if args.progress else None
     try:
-        for start in range(0, len(pending), group_size):
-            group = pending[start:start + group_size]
-            names = [s["image_name"] for s in group]
+        for start in range(0, len(job.mine), group_size):
+            names = [s["image_name"] for s in job.mine[start:start + group_size]]
             t0 = time.perf_counter()
-            real = torch.stack([load_real_image(p, cfg.height, cfg.width) for p in paths[start:start + len(group)]])
-            seeds = [image_seed(args.seed, n) for n in names]
-            fakes_k = train_images(real, seeds, cfg, args.iterations, backend, device=device,
-                                   precision="bf16" if args.amp == "bf16" else "fp32",
-                                   on_progress=show_iteration if args.progress else None)
+            real = torch.stack([load_real_image(p, cfg.height, cfg.width) for p in job.paths[start:start + len(names)]])
+            fakes_k = train_images(real, [image_seed(args.seed, n) for n in names], cfg, args.iterations, backend,
+                                   device=device, precision="bf16" if args.amp == "bf16" else "fp32", on_progress=show)
             for name, fakes in zip(names, fakes_k):
-                save_outputs(aug_dir, name, fakes)
-            done.update(names)
-            entries = write_train_aug(root / AUG_JSON, all_samples, vocabulary, done)
-            trained += len(group)
-            group_note = f", last group {time.perf_counter() - t0:.1f}s"
-            bar.set_postfix_str(f"group {start // group_size + 1}/{-(-len(pending) // group_size)}{group_note}",
-                                refresh=False)
-            bar.update(len(group))
+                save_outputs(job.root / AUG_DIR, name, fakes)
+            job.done.update(names)
+            if world.is_main:
+                job.write_json()
+            bar.set_postfix_str(f"last group {time.perf_counter() - t0:.1f}s", refresh=False)
+            bar.update(len(names))
     finally:
         bar.close()
-    return {"trained": trained, "skipped": len(samples) - len(pending), "entries": entries,
-            "group_size": group_size, "backend": backend, "device": str(device), "root": str(root)}
+    return len(job.mine)
+
+
+def _iteration_display(bar):
+    """on_progress callback: within a group (minutes to hours on a CPU) show the iterations done, at most every 2 s."""
+    last = [0.0]
+
+    def show(done_its: int, total_its: int) -> None:
+        now = time.monotonic()
+        if now - last[0] > 2.0:
+            last[0] = now
+            bar.set_postfix_str(f"group it {done_its}/{total_its}", refresh=True)
+
+    return show
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Generate the missing outputs (this process's share under torchrun); returns {"trained", "skipped", "entries",
+    "group_size", "backend", "device", "root", "complete"}."""
+    world = launch_world()
+    cfg, device, group_size, backend = _settings(args, world)
+    job = plan(args, world)
+    if world.is_main:
+        job.write_json()  # rebuilt from what exists
+    trained = train_share(job, args, cfg, device, group_size, backend, world)
+    # Whichever process finds every image finished writes the final train_aug.json (the same from any process).
+    job.done = finished_images(job.root / AUG_DIR, [s["image_name"] for s in job.all_samples])
+    complete = all(s["image_name"] in job.done for s in job.samples)
+    entries = job.write_json() if complete or world.is_main else None
+    return {"trained": trained, "skipped": job.already, "entries": entries, "group_size": group_size,
+            "backend": backend, "device": str(device), "root": str(job.root), "complete": complete,
+            "rank": f"rank {world.rank}/{world.world_size}: " if world.world_size > 1 else ""}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("Interrupted: finished images are saved and listed in train_aug.json; the group in flight was "
               "discarded. Rerun the same command to continue.", file=sys.stderr)
         return 130
-    print(f"Done: {summary['trained']} images trained, {summary['skipped']} already finished; "
-          f"{summary['entries']} generated images listed in {Path(summary['root']) / AUG_JSON}.")
+    listed = (f"{summary['entries']} generated images listed in {Path(summary['root']) / AUG_JSON}"
+              if summary["entries"] is not None else f"the process that finishes last writes {AUG_JSON}")
+    print(f"{summary['rank']}Done: {summary['trained']} images trained, {summary['skipped']} already finished; "
+          f"{listed}.")
     return 0

@@ -405,3 +405,71 @@ def test_copies_of_a_png_original_name_it_and_colliding_names_are_refused(datase
                      "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "'1.png' and '1.jpeg' would both write the GAN copy '1_aug.jpeg'" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+def _gan(root, nproc, *extra):
+    """python -m DataAugmentation on `root`, with torchrun --standalone (a free port) when nproc > 1."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    flags = ["--data", str(root), "--iterations", "3", "--size", "16x24", "--device", "cpu", "--no-progress", *extra]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    command = [sys.executable, *launcher, "-m", "DataAugmentation", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process in every run: the same arithmetic
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def _outputs(root):
+    return {p.name: np.asarray(Image.open(p)) for p in sorted((root / "aug-images").iterdir())}
+
+
+@pytest.fixture()
+def five_images(tmp_path):
+    rng = np.random.default_rng(2)
+    (tmp_path / "images").mkdir()
+    samples = []
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.jpeg")
+        samples.append({"image_name": f"{i}.jpeg", "image_labels": [["sky"], ["sea"]][i % 2]})
+    (tmp_path / "train.json").write_text(json.dumps({"samples": samples, "labels": ["sky", "sea"]}))
+    return tmp_path
+
+
+def test_two_processes_write_the_files_of_one_and_resume_with_any_count(five_images, tmp_path_factory):
+    import shutil
+
+    copies = {}
+    for name in ("one", "two", "resumed"):
+        copies[name] = tmp_path_factory.mktemp(name)
+        shutil.copytree(five_images, copies[name], dirs_exist_ok=True)
+    _gan(copies["one"], 1)
+    out = _gan(copies["two"], 2)
+    assert out.count("Done:") == 2 and "rank 0/2" in out and "rank 1/2" in out
+    one, two = _outputs(copies["one"]), _outputs(copies["two"])
+    assert one.keys() == two.keys() and len(one) == 15
+    assert all(np.array_equal(one[k], two[k]) for k in one)  # pixel for pixel
+    assert (copies["one"] / "train_aug.json").read_text() == (copies["two"] / "train_aug.json").read_text()
+
+    # Stopped after 3 images with 2 processes, one output of a finished image lost: finished with 1 process.
+    _gan(copies["resumed"], 2, "--limit", "3")
+    partial = json.loads((copies["resumed"] / "train_aug.json").read_text())["samples"]
+    assert {e["original"] for e in partial} == {"0.jpeg", "1.jpeg", "2.jpeg"}
+    (copies["resumed"] / "aug-images" / "1_aug_rot_90.jpeg").unlink()  # a half-written image does not count
+    out = _gan(copies["resumed"], 1)
+    assert "3 images trained, 2 already finished" in out
+    resumed = _outputs(copies["resumed"])
+    assert resumed.keys() == one.keys() and all(np.array_equal(one[k], resumed[k]) for k in one)
+    assert (copies["one"] / "train_aug.json").read_text() == (copies["resumed"] / "train_aug.json").read_text()
+
+
+def test_the_shares_are_balanced_and_cover_every_image_once():
+    from distributed import World
+
+    pending = list(range(11))
+    shares = [cli.share(pending, World(rank, 3, rank)) for rank in range(3)]
+    assert sorted(sum(shares, [])) == pending and [len(s) for s in shares] == [4, 4, 3]
