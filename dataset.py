@@ -290,6 +290,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def fold_of(split: Split, folds: int, seed: int) -> torch.Tensor:
+    """Fold (N,) in 0..folds-1 of every row of `split`: the originals by a seeded permutation (original r of the
+    permutation goes to fold r % folds, so folds differ in size by one at most), each GAN copy with its original."""
+    originals = [i for i, src in enumerate(split.sources) if src is None]
+    order = torch.randperm(len(originals), generator=torch.Generator().manual_seed(seed * 7919 + folds))
+    fold_by_name = {split.image_names[originals[int(j)]]: r % folds for r, j in enumerate(order)}
+    return torch.tensor([fold_by_name.get(src if src is not None else name, -1)
+                         for name, src in zip(split.image_names, split.sources)])
+
+
 def load_image(path: str | Path, image_size: int) -> torch.Tensor:
     """Decode one image to RGB (see `to_rgb`), resize it to (image_size, image_size) bilinearly; uint8 (3, S, S)."""
     try:

@@ -49,6 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"backbone (default: {DEFAULT_MODEL}; with --checkpoint, the checkpoint's, and a different one is refused)")
     g.add_argument("--global-pooling", default="avg", choices=["avg", "max"], help="pooling before the head")
     g.add_argument("--dropout", type=float, default=0.3, help="dropout before the head (the study's 0.3)")
+    g.add_argument("--hold-out-fold", type=int, nargs=2, default=None, metavar=("K", "FOLDS"),
+                   help="train without fold K of FOLDS of the training split (what --threshold-split cv runs)")
     g.add_argument("--freeze-bn", action="store_true",
                    help="keep BatchNorm layers in eval mode while training: their running statistics (from the "
                         "pretrained weights) stay fixed and batches do not change them; their scale and shift train")
@@ -168,9 +170,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", default=None, metavar="RUN_DIR", help="run directory for --evaluate/--predict")
     g.add_argument("--threshold-method", default="mcc", choices=sorted(THRESHOLD_METHODS),
                    help="per-label threshold criterion")
-    g.add_argument("--threshold-split", default=None, choices=["val", "train"],
-                   help="[recipe] split the thresholds are fitted on (default recipe: val, or train under "
-                        "--select-on-test; study: train)")
+    g.add_argument("--threshold-split", default=None, choices=["val", "train", "train+val", "cv"],
+                   help="[recipe] predictions the thresholds are fitted on: val, train, both, or cv = every training "
+                        "image predicted by a model trained without it (--folds K extra trainings, reused once done). "
+                        "Default recipe: val, or train under --select-on-test; study: train")
+    g.add_argument("--folds", type=int, default=5, help="--threshold-split cv: number of folds (extra trainings)")
+    g.add_argument("--threshold-min-positives", type=int, default=0, metavar="N",
+                   help="labels with fewer than N positives in the fitting split take one threshold fitted on all such "
+                        "labels pooled (0 = off)")
+    g.add_argument("--threshold-shrinkage", type=float, default=0.0, metavar="LAMBDA",
+                   help="pull each label's threshold toward the pooled one: t <- (n t + LAMBDA t_pool) / (n + LAMBDA), "
+                        "n its positives (0 = off)")
     g.add_argument("--threshold-transform", default=None, choices=["eval", "train"],
                    help="[recipe] fit the thresholds on predictions of unflipped images (eval; default recipe) or "
                         "through the training flips (train; the study used its training loader)")
@@ -231,6 +241,9 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append(f"--gcn-p must be in [0, 1] (got {args.gcn_p})")
     if args.label_embeddings != "learned" and args.head != "gcn":
         problems.append(f"--label-embeddings {args.label_embeddings} is for --head gcn (got --head {args.head})")
+    if args.folds < 2 or args.threshold_min_positives < 0 or not args.threshold_shrinkage >= 0:
+        problems.append(f"--folds must be at least 2, --threshold-min-positives and --threshold-shrinkage at least 0 "
+                        f"(got {args.folds}, {args.threshold_min_positives}, {args.threshold_shrinkage})")
     if args.top_k is not None and args.top_k < 1:
         problems.append(f"--top-k must be at least 1 (got {args.top_k})")
     if args.min_score is not None and not 0 <= args.min_score <= 1:

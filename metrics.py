@@ -253,7 +253,8 @@ def compute_metrics(targets: Tensor, probs: Tensor, thresholds: Thresholds = 0.5
     * ``per_class/f1_mean_per_label`` = mean_c F1_c.
     * ``per_image/precision`` = sum TP / (sum TP + sum FP), ``per_image/recall`` = sum TP / (sum TP + sum FN),
       ``per_image/f1`` = 2 P R / (P + R), from the counts pooled over labels (micro; 0 when undefined).
-    * ``N+`` (int) = #{c : TP_c > 0}, the labels recalled at least once.
+    * ``N+`` (int) = #{c : TP_c > 0}, the labels recalled at least once; ``N+/precision`` = mean_{c : TP_c > 0} P_c,
+      their precision (an N+ bought with false positives shows here; 0 when N+ = 0).
     * ``mAP`` = 100 * mean of AP_c over the labels with at least one positive (percent, 0-100);
       NaN when no label has a positive.
 
@@ -282,6 +283,7 @@ def _summary(per_label: dict[str, Tensor], epsilon: float = 0.0) -> dict[str, fl
         "per_image/recall": image_r.item(),
         "per_image/f1": ratio(2 * image_p * image_r, image_p + image_r).item(),
         "N+": int((tp > 0).sum().item()),
+        "N+/precision": per_label["precision"][tp > 0].mean().item() if bool((tp > 0).any()) else 0.0,
         "mAP": 100.0 * per_label["ap"].nanmean().item(),
     }
 

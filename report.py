@@ -29,7 +29,7 @@ from distributed import World, get_device, init_distributed
 from engine import BatchPreprocessor, predict, resolve_precision
 from metrics import binarize, compute_metrics, per_label_metrics, ranking_metrics, top_k, top_k_metrics
 from models import DEFAULT_MODEL, normalisation
-from thresholds import DEFAULT_GRID, fit_thresholds
+from thresholds import DEFAULT_GRID, fit_thresholds, pooled_threshold, stabilise
 from recipes import EVALUATION_KEYS, describe, resolve
 from trainer import eval_loader, load_data, model_from_config, training_flips
 from utils import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -37,7 +37,8 @@ from utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 TOP_K = 5  # the annotation literature's protocol: 5 labels per image
 METRIC_ROWS = (("per_image/precision", "Per-image P"), ("per_image/recall", "Per-image R"),
                ("per_image/f1", "Per-image F1"), ("per_class/precision", "Per-class P"),
-               ("per_class/recall", "Per-class R"), ("per_class/f1", "Per-class F1"), ("N+", "N+"), ("mAP", "mAP"))
+               ("per_class/recall", "Per-class R"), ("per_class/f1", "Per-class F1"), ("N+", "N+"),
+               ("N+/precision", "P of N+"), ("mAP", "mAP"))
 
 
 def run_directory(args: argparse.Namespace) -> Path:
@@ -68,7 +69,9 @@ def evaluation_settings(args: argparse.Namespace, config: dict) -> dict:
     (its recipe's) value; plus the method and the grid."""
     settings = {key: getattr(args, key) if getattr(args, key) is not None else config[key] for key in EVALUATION_KEYS}
     grid = torch.tensor(args.threshold_grid, dtype=torch.float64) if args.threshold_grid else DEFAULT_GRID
-    return {**settings, "threshold_method": args.threshold_method, "grid": grid, "top_k": args.top_k or TOP_K}
+    return {**settings, "threshold_method": args.threshold_method, "grid": grid, "top_k": args.top_k or TOP_K,
+            "threshold_min_positives": args.threshold_min_positives, "threshold_shrinkage": args.threshold_shrinkage,
+            "folds": args.folds}
 
 
 def _format(value) -> str:
@@ -209,16 +212,43 @@ def run_metadata(run_dir: Path, config: dict, ckpt: dict, data, settings: dict) 
             "normalisation": ckpt["normalisation"], "recipe": dict(describe({**config, **settings}))}
 
 
-def fit_run_thresholds(model, data, config: dict, settings: dict, args: argparse.Namespace, world: World,
-                       device: torch.device, preprocess: BatchPreprocessor) -> tuple[torch.Tensor, dict]:
-    """(per-label thresholds (C,), the predictions they were fitted on) on the threshold split, through its
-    training flips under --threshold-transform train (drawn for the epoch after the last trained one)."""
-    split = data.train if settings["threshold_split"] == "train" else data.val
-    flips = training_flips(config, len(split), config["epochs"]) if settings["threshold_transform"] == "train" else None
-    fitted = predict_split(model, split, config, args, world, device, preprocess, flips)
-    thresholds = fit_thresholds(settings["threshold_method"], fitted["targets"], fitted["probs"], grid=settings["grid"],
+def fitting_predictions(model, data, config: dict, settings: dict, args: argparse.Namespace, world: World,
+                        device: torch.device, preprocess: BatchPreprocessor, run_dir: Path, defaults: dict) -> dict:
+    """The predictions the thresholds are fitted on, by --threshold-split: val, train (through the training flips
+    under --threshold-transform train, drawn for the epoch after the last trained one), train+val, or cv (each
+    training image predicted by a model that never saw it; crossfit.py)."""
+    where = settings["threshold_split"]
+    if where == "cv":
+        from crossfit import out_of_fold
+
+        return {**out_of_fold(run_dir, config, data, settings["folds"], args, defaults), "split": data.train}
+    parts = []
+    for split in ([data.train] if where == "train" else [data.val] if where == "val" else [data.train, data.val]):
+        flips = (training_flips(config, len(split), config["epochs"])
+                 if settings["threshold_transform"] == "train" and split is data.train else None)
+        parts.append({**predict_split(model, split, config, args, world, device, preprocess, flips), "split": split})
+    if len(parts) == 1:
+        return parts[0]
+    offset = len(data.train)  # train+val: val's rows follow train's
+    joined = data.train + data.val
+    return {"probs": torch.cat([p["probs"] for p in parts]), "targets": torch.cat([p["targets"] for p in parts]),
+            "indices": torch.cat([parts[0]["indices"], parts[1]["indices"] + offset]), "split": joined}
+
+
+def fit_run_thresholds(fitted: dict, settings: dict) -> torch.Tensor:
+    """Per-label thresholds (C,) on the fitting predictions, steadied for rare labels when asked: labels with fewer
+    than --threshold-min-positives positives take the threshold of those labels pooled, and --threshold-shrinkage
+    lambda pulls every label toward the pooled threshold (of all labels, without a minimum) by n / (n + lambda)."""
+    method, grid = settings["threshold_method"], settings["grid"]
+    thresholds = fit_thresholds(method, fitted["targets"], fitted["probs"], grid=grid,
                                 fallback=settings["threshold_fallback"]).float()  # (C,)
-    return thresholds, {**fitted, "split": split}
+    minimum, shrinkage = settings["threshold_min_positives"], settings["threshold_shrinkage"]
+    if not (minimum or shrinkage):
+        return thresholds
+    positives = fitted["targets"].sum(0)  # (C,)
+    pooled_over = positives < minimum if minimum else torch.ones_like(positives, dtype=torch.bool)
+    pooled = pooled_threshold(method, fitted["targets"], fitted["probs"], pooled_over, grid).float()
+    return stabilise(thresholds, positives, pooled, minimum, shrinkage)
 
 
 def score_test_set(test: dict, thresholds: torch.Tensor, settings: dict) -> dict:
@@ -240,7 +270,8 @@ def evaluate_run(args: argparse.Namespace, defaults: dict) -> dict:
     check_vocabulary(ckpt["vocabulary"], data.vocabulary, run_dir / "best.pth")
     preprocess = run_preprocessor(model, ckpt, args, device)
     settings = evaluation_settings(args, config)
-    thresholds, fitted = fit_run_thresholds(model, data, config, settings, args, world, device, preprocess)
+    fitted = fitting_predictions(model, data, config, settings, args, world, device, preprocess, run_dir, defaults)
+    thresholds = fit_run_thresholds(fitted, settings)
     test = {**predict_split(model, data.test, config, args, world, device, preprocess), "split": data.test}
     if len(test["bad"]) and world.is_main:
         print(f"Skipped {len(test['bad'])} unreadable test images; the figures cover the remaining "

@@ -34,6 +34,8 @@ __all__ = [
     "fit_thresholds",
     "mcc_scores",
     "mcc_thresholds",
+    "pooled_threshold",
+    "stabilise",
 ]
 
 # The study's grid 0.05, 0.10, ..., 0.70 (14 points), float64; integers / 100 are correctly rounded, no drift.
@@ -138,3 +140,32 @@ def fit_thresholds(
     if method not in THRESHOLD_METHODS:
         raise ValueError(f"Unknown threshold method {method!r}; choose one of {sorted(THRESHOLD_METHODS)}.")
     return THRESHOLD_METHODS[method](targets, probs, grid=grid, fallback=fallback, default=default)
+
+
+def pooled_threshold(method: str, targets: Tensor, probs: Tensor, labels: Tensor, grid: Grid = DEFAULT_GRID,
+                     default: float = 0.5) -> Tensor:
+    """One threshold for the labels `labels` (C,) bool taken together: their columns pooled into one long label
+    (N * |labels| scores) and fitted by `method` as any label is. `default` when no label is selected or the pooled
+    score is 0 everywhere. Returns a 0-d tensor in probs' dtype."""
+    probs = torch.as_tensor(probs)
+    labels = torch.as_tensor(labels, dtype=torch.bool, device=probs.device)
+    if not bool(labels.any()):
+        return torch.tensor(default, dtype=probs.dtype, device=probs.device)
+    pooled_targets = torch.as_tensor(targets).to(probs.device)[:, labels].reshape(-1, 1)  # (N * L, 1)
+    pooled_probs = probs[:, labels].reshape(-1, 1)
+    return fit_thresholds(method, pooled_targets, pooled_probs, grid=grid, default=default)[0]
+
+
+def stabilise(thresholds: Tensor, positives: Tensor, pooled: Tensor, min_positives: int = 0,
+              shrinkage: float = 0.0) -> Tensor:
+    """Thresholds (C,) made steadier for labels with few positives in the fitting split.
+
+    With n_c the label's positives and t the pooled threshold (`pooled_threshold`):
+    * labels with n_c < `min_positives` take t;
+    * with `shrinkage` lambda > 0, every other label moves toward t by its evidence: t_c <- (n_c t_c + lambda t) /
+      (n_c + lambda), so a label seen twice moves a lot and one seen 200 times hardly at all.
+    """
+    n = torch.as_tensor(positives, dtype=thresholds.dtype, device=thresholds.device)  # (C,)
+    pooled = torch.as_tensor(pooled, dtype=thresholds.dtype, device=thresholds.device)
+    out = (n * thresholds + shrinkage * pooled) / (n + shrinkage) if shrinkage > 0 else thresholds.clone()
+    return torch.where(n < min_positives, pooled, out)

@@ -28,7 +28,7 @@ from torch import nn
 from augment import TrainAugmentation, make_train_augmentation
 from checkpoint import (CSVLogger, check_vocabulary, load_checkpoint, load_config, make_run_dir,
                         restore_training_state, save_checkpoint, save_config, training_state)
-from dataset import (COREL5K_STATISTICS, AnnotationDataset, DatasetSplits, Split, load_dataset, make_loader,
+from dataset import (COREL5K_STATISTICS, AnnotationDataset, DatasetSplits, Split, fold_of, load_dataset, make_loader,
                      resolve_data_root)
 from distributed import World, broadcast_object, get_device, init_distributed, say, sum_across_ranks
 from engine import (BatchPreprocessor, EpochProgress, Precision, epoch_flips, evaluate, resolve_precision,
@@ -67,6 +67,11 @@ def load_data(data: str, config: Mapping[str, Any], skip_bad_images: bool, world
         root = resolve_data_root(str(broadcast_object(str(root))))
     splits = load_dataset(root, config["augmentation"], config["val_size"], config["seed"], config["select_on_test"],
                           skip_bad_images, shuffle_once=config["shuffle_once"])
+    if config["hold_out_fold"]:
+        # A cross-fitting model (--threshold-split cv): trained without fold k of K of the training split.
+        k, folds = config["hold_out_fold"]
+        keep = (fold_of(splits.train, folds, config["seed"]) != k).nonzero().flatten().tolist()
+        splits.train = splits.train.subset(keep, "train", keep_skipped=True)
     for split in {id(s): s for s in (splits.train, splits.val, splits.test)}.values():
         if split.skipped:
             say(f"Skipping {len(split.skipped)} missing images of {split.name} (--skip-bad-images): "

@@ -27,6 +27,7 @@ KEYS = [
     "per_image/recall",
     "per_image/f1",
     "N+",
+    "N+/precision",
     "mAP",
 ]
 
@@ -127,6 +128,7 @@ def test_hand_computed_example():
         "per_image/recall": 2 / 5,  # sum FN 1 + 1 + 1 + 0 = 3
         "per_image/f1": 4 / 11,  # 2 * (1/3) * (2/5) / (1/3 + 2/5) = (4/15) / (11/15)
         "N+": 2,  # labels 0 and 1 have a true positive
+        "N+/precision": (1 / 2 + 1 / 3) / 2,  # their precisions
         "mAP": 100 * (5 / 6 + 1 / 2 + 1) / 3,  # 700/9, label 3 (no positives) left out
     }
     out = M.compute_metrics(targets, probs)

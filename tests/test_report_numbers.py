@@ -61,10 +61,11 @@ def sklearn_metrics(y, p, thresholds, strict=False):
     P, R = prec.mean(), rec.mean()
     aps = [average_precision_score(y[:, c], p[:, c]) for c in range(y.shape[1]) if y[:, c].any()]
     per_label_f1 = [2 * a * b / (a + b) if a + b else 0.0 for a, b in zip(prec, rec)]
+    recalled = (pred & (y == 1)).sum(0) > 0
     return {"per_class/precision": P, "per_class/recall": R, "per_class/f1": 2 * P * R / (P + R) if P + R else 0.0,
             "per_class/f1_mean_per_label": float(np.mean(per_label_f1)), "per_image/precision": micro_p,
-            "per_image/recall": micro_r, "per_image/f1": micro_f, "N+": int(((pred & (y == 1)).sum(0) > 0).sum()),
-            "mAP": 100 * float(np.mean(aps))}
+            "per_image/recall": micro_r, "per_image/f1": micro_f, "N+": int(recalled.sum()),
+            "N+/precision": float(prec[recalled].mean()) if recalled.any() else 0.0, "mAP": 100 * float(np.mean(aps))}
 
 
 def assert_same_metrics(ours, reference):
@@ -122,7 +123,7 @@ def test_results_md_shows_exactly_the_numbers_of_results_json(run):
     results, _ = evaluate(run_dir)
     rows = _markdown_rows((run_dir / "results.md").read_text())
     keys = ["per_image/precision", "per_image/recall", "per_image/f1", "per_class/precision", "per_class/recall",
-            "per_class/f1", "N+", "mAP"]
+            "per_class/f1", "N+", "N+/precision", "mAP"]
     for name, block in (("0.5", "default"), ("MCC", "mcc")):
         expected = [str(results[block][k]) if k == "N+" else f"{results[block][k]:.2f}" if k == "mAP"
                     else f"{results[block][k]:.4f}" for k in keys]

@@ -15,14 +15,14 @@ from checkpoint import CheckpointError
 from dataset import Split
 
 KEYS = ("per_image/precision", "per_image/recall", "per_image/f1", "per_class/precision", "per_class/recall",
-        "per_class/f1", "N+", "mAP")
+        "per_class/f1", "N+", "N+/precision", "mAP")
 
 
 def results(method="mcc"):
-    default = dict(zip(KEYS, (0.5, 0.25, 0.33333, 0.125, 1.0, 0.2222222, 3, 45.678)))
-    fitted = dict(zip(KEYS, (0.75, 0.5, 0.6, 0.5, 0.75, 0.6, 4, 45.678)))
+    default = dict(zip(KEYS, (0.5, 0.25, 0.33333, 0.125, 1.0, 0.2222222, 3, 0.4, 45.678)))
+    fitted = dict(zip(KEYS, (0.75, 0.5, 0.6, 0.5, 0.75, 0.6, 4, 0.625, 45.678)))
     default["per_class/f1_mean_per_label"], fitted["per_class/f1_mean_per_label"] = 0.11111, 0.55556
-    ranked = dict(zip(KEYS, (0.25, 0.75, 0.375, 0.5, 0.5, 0.5, 5, 45.678)))
+    ranked = dict(zip(KEYS, (0.25, 0.75, 0.375, 0.5, 0.5, 0.5, 5, 0.5, 45.678)))
     ranking = {"ranking/lrap": 0.812345, "ranking/coverage": 3.456, "ranking/loss": 0.0912345, "ranking/one_error": 0.25}
     run = {"model": "TinyResNet", "loss_function": "BCELoss", "data": "demo", "threshold_method": method,
            "split_sizes": {"train": 8, "val": 2, "test": 5}, "protocol": "holdout", "threshold_split": "val",
@@ -33,11 +33,12 @@ def results(method="mcc"):
 
 def test_markdown_tables_format_every_cell():
     assert report.markdown_tables(results("f1")) == (
-        "| Thresholds | Per-image P | Per-image R | Per-image F1 | Per-class P | Per-class R | Per-class F1 | N+ | mAP |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
-        "| 0.5 | 0.5000 | 0.2500 | 0.3333 | 0.1250 | 1.0000 | 0.2222 | 3 | 45.68 |\n"
-        "| F1 | 0.7500 | 0.5000 | 0.6000 | 0.5000 | 0.7500 | 0.6000 | 4 | 45.68 |\n"
-        "| top-5 | 0.2500 | 0.7500 | 0.3750 | 0.5000 | 0.5000 | 0.5000 | 5 | 45.68 |")
+        "| Thresholds | Per-image P | Per-image R | Per-image F1 | Per-class P | Per-class R | Per-class F1 | N+ | "
+        "P of N+ | mAP |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "| 0.5 | 0.5000 | 0.2500 | 0.3333 | 0.1250 | 1.0000 | 0.2222 | 3 | 0.4000 | 45.68 |\n"
+        "| F1 | 0.7500 | 0.5000 | 0.6000 | 0.5000 | 0.7500 | 0.6000 | 4 | 0.6250 | 45.68 |\n"
+        "| top-5 | 0.2500 | 0.7500 | 0.3750 | 0.5000 | 0.5000 | 0.5000 | 5 | 0.5000 | 45.68 |")
 
 
 def test_results_markdown_states_the_run_its_recipe_and_the_per_label_mean():
@@ -122,11 +123,12 @@ def test_evaluation_settings_take_each_flag_given_else_the_runs():
               "threshold_compare": "gt", "metric_epsilon": 1e-7}
     args = argparse.Namespace(threshold_split=None, threshold_transform="eval", threshold_fallback=None,
                               threshold_compare="ge", metric_epsilon=0.0, threshold_method="f1", threshold_grid=[0.2, 0.4],
-                              top_k=None)
+                              top_k=None, threshold_min_positives=0, threshold_shrinkage=0.0, folds=5)
     settings = report.evaluation_settings(args, config)
     assert {k: v for k, v in settings.items() if k != "grid"} == {
         "threshold_split": "train", "threshold_transform": "eval", "threshold_fallback": "first",
-        "threshold_compare": "ge", "metric_epsilon": 0.0, "threshold_method": "f1", "top_k": 5}
+        "threshold_compare": "ge", "metric_epsilon": 0.0, "threshold_method": "f1", "top_k": 5,
+        "threshold_min_positives": 0, "threshold_shrinkage": 0.0, "folds": 5}
     assert settings["grid"].tolist() == [0.2, 0.4]
     assert report.evaluation_settings(argparse.Namespace(**{**vars(args), "threshold_grid": None}), config)[
         "grid"].tolist() == pytest.approx([0.05 * k for k in range(1, 15)])

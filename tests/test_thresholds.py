@@ -195,3 +195,28 @@ def test_grid_points_that_collapse_in_the_scores_dtype_are_refused_wherever_they
     probs = torch.tensor([[0.3, 0.6]], dtype=torch.float16)
     with pytest.raises(ValueError, match="collapse"):  # 0.5 and 0.5001 are one float16 number; 0.1 is not
         T.mcc_thresholds(torch.tensor([[1, 0]]), probs, grid=[0.1, 0.5, 0.5001])
+
+
+# ---------------------------------------------------------------- pooled and shrunk thresholds (rare labels)
+
+def test_the_pooled_threshold_is_the_best_grid_point_of_the_rare_labels_taken_together():
+    y = torch.tensor([[1, 0, 1], [0, 1, 0], [0, 0, 0], [1, 0, 0]])
+    p = torch.tensor([[0.9, 0.1, 0.35], [0.2, 0.62, 0.3], [0.1, 0.3, 0.32], [0.8, 0.2, 0.1]], dtype=torch.float64)
+    rare = torch.tensor([False, True, True])
+    # By hand: labels 1 and 2 pooled are 8 scores with positives 0.62 and 0.35; grid 0.05..0.70: MCC is 1 at
+    # t in (0.32, 0.35], i.e. grid point 0.35 (0.30 also predicts 0.3 and 0.32): the first best is 0.35.
+    pooled = T.pooled_threshold("mcc", y, p, rare)
+    pooled_y = [0, 1, 1, 0, 0, 0, 0, 0]  # columns 1 and 2, row by row
+    pooled_p = [0.1, 0.35, 0.62, 0.3, 0.3, 0.32, 0.2, 0.1]
+    best = max(T.DEFAULT_GRID.tolist(), key=lambda t: (matthews_corrcoef(pooled_y, [int(v >= t) for v in pooled_p]), -t))
+    assert float(pooled) == pytest.approx(0.35) == pytest.approx(best)
+    assert float(T.pooled_threshold("mcc", y, p, torch.zeros(3, dtype=torch.bool))) == 0.5
+
+
+def test_stabilise_replaces_the_rarest_and_shrinks_by_evidence():
+    t = torch.tensor([0.05, 0.6, 0.3, 0.1], dtype=torch.float64)
+    n = torch.tensor([1, 2, 200, 8])
+    out = T.stabilise(t, n, torch.tensor(0.4, dtype=torch.float64), min_positives=2, shrinkage=4.0)
+    # label 0: 1 < 2 positives -> 0.4; label 1: (2 * 0.6 + 4 * 0.4) / 6; label 2: (200 * 0.3 + 1.6) / 204; ...
+    assert out.tolist() == pytest.approx([0.4, (1.2 + 1.6) / 6, (60 + 1.6) / 204, (0.8 + 1.6) / 12])
+    assert T.stabilise(t, n, torch.tensor(0.4, dtype=torch.float64)).tolist() == t.tolist()  # neither: unchanged

@@ -1,0 +1,69 @@
+"""Cross-fitted thresholds (--threshold-split cv): honest predictions for every training image.
+
+The training split's original images are cut into K folds (dataset.fold_of; a GAN copy goes with its original). For
+each fold k a model is trained as the run was, but without fold k (and its copies), and it predicts fold k: every
+training image then has a prediction from a model that never saw it, and the run's thresholds are fitted on those
+out-of-fold predictions. It costs K extra trainings; each fold lives in <run>/folds/ as an ordinary run (resumable
+with its last.pth) and its predictions in <run>/folds/fold<k>of<K>.npz, which later --evaluate calls reuse.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from checkpoint import run_dir_name
+from dataset import DatasetSplits, fold_of
+from distributed import World, get_device, say
+
+
+def fold_run(run_dir: Path, config: dict, defaults: dict, k: int, folds: int, args: argparse.Namespace) -> Path:
+    """Train (or resume, or reuse) the model of fold k of `folds`; returns its run directory."""
+    from trainer import resume_config, train
+
+    save_dir = run_dir / "folds"
+    fold_dir = save_dir / run_dir_name(config["model"], config["loss_function"], config["data"], f"fold{k}of{folds}")
+    runtime = {"num_workers": args.num_workers, "progress": args.progress, "device": args.device,
+               "save_dir": str(save_dir), "cache": config["cache"]}
+    if (fold_dir / "last.pth").is_file():
+        return train(resume_config(fold_dir, defaults, {**runtime, "resume": str(fold_dir)}))
+    fold_config = {**config, **runtime, "resume": None, "run_name": f"fold{k}of{folds}", "hold_out_fold": [k, folds],
+                   "evaluate": False}
+    return train(fold_config)
+
+
+def fold_predictions(fold_dir: Path, rows: list[int], data: DatasetSplits, args, defaults: dict) -> dict:
+    """The fold model's probabilities of the training rows `rows` (its held-out fold)."""
+    from report import load_run_model, predict_split, run_preprocessor
+
+    device = get_device(args.device)
+    model, ckpt, config = load_run_model(fold_dir, None, defaults, device)
+    split = data.train.subset(rows, "fold")
+    out = predict_split(model, split, config, args, World(), device, run_preprocessor(model, ckpt, args, device))
+    return {"probs": out["probs"], "targets": out["targets"], "rows": torch.tensor(rows)[out["indices"]]}
+
+
+def out_of_fold(run_dir: Path, config: dict, data: DatasetSplits, folds: int, args, defaults: dict) -> dict:
+    """{"probs", "targets"} (N, C) of the training split's original images, each from the fold model that did not
+    see it, in split order; trains the folds not finished yet (saying so), reuses the rest."""
+    fold = fold_of(data.train, folds, config["seed"])  # (N,) -1 never: every row has an original
+    originals = torch.tensor([src is None for src in data.train.sources])
+    parts = []
+    for k in range(folds):
+        cached = run_dir / "folds" / f"fold{k}of{folds}.npz"
+        if not cached.is_file():
+            say(f"Cross-fitting: fold {k + 1} of {folds}, a model trained without {int((fold == k).sum())} of the "
+                f"{len(fold)} training images (K = {folds} extra trainings in all; finished folds are reused).")
+            fold_dir = fold_run(run_dir, config, defaults, k, folds, args)
+            rows = ((fold == k) & originals).nonzero().flatten().tolist()
+            out = fold_predictions(fold_dir, rows, data, args, defaults)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cached, probs=out["probs"].numpy(), targets=out["targets"].numpy(), rows=out["rows"].numpy())
+        saved = np.load(cached)
+        parts.append({key: torch.from_numpy(saved[key]) for key in ("probs", "targets", "rows")})
+    rows = torch.cat([p["rows"] for p in parts])
+    order = torch.argsort(rows)
+    return {"probs": torch.cat([p["probs"] for p in parts])[order],
+            "targets": torch.cat([p["targets"] for p in parts])[order], "indices": rows[order]}

@@ -1,0 +1,101 @@
+"""Cross-fitted and steadied thresholds through --evaluate (crossfit.py, report.py): out-of-fold predictions come from
+models that never saw the image, folds are reused, and every option's thresholds are recomputed from evaluation.npz."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import matthews_corrcoef
+
+from conftest import run_dirs, train_args, write_dataset
+from dataset import fold_of
+from main import cli, config_defaults
+from trainer import World, load_data, resume_config
+
+GRID = [round(0.05 * k, 2) for k in range(1, 15)]
+pytestmark = pytest.mark.filterwarnings("ignore:A single label was found:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    data = write_dataset(tmp_path_factory.mktemp("data") / "tiny", n_train=30, n_test=10)
+    save = tmp_path_factory.mktemp("runs")
+    cli(train_args(data, save, "--epochs", "1"))
+    (run_dir,) = run_dirs(save)
+    return run_dir, data
+
+
+def evaluate(run_dir, *flags):
+    cli(["--evaluate", "--checkpoint", str(run_dir), "--num-workers", "0", "--no-progress", *flags])
+    saved = np.load(run_dir / "evaluation.npz")
+    return json.loads((run_dir / "results.json").read_text()), {k: saved[k] for k in saved.files}
+
+
+def test_out_of_fold_predictions_never_come_from_a_model_that_saw_the_image(run, capsys):
+    run_dir, data = run
+    results, saved = evaluate(run_dir, "--threshold-split", "cv", "--folds", "3")
+    assert results["run"]["threshold_split"] == "cv" and capsys.readouterr().out.count("Cross-fitting: fold") == 3
+    config = resume_config(run_dir, config_defaults(), {})
+    train = load_data(str(data), config, False, World()).train  # 24 training images (6 held out for validation)
+    assert sorted(saved["fit_images"]) == sorted(train.image_names)  # every training image, once
+    fold = fold_of(train, 3, config["seed"])
+    for k in range(3):
+        (fold_dir,) = (run_dir / "folds").glob(f"*_fold{k}of3")
+        fold_config = resume_config(fold_dir, config_defaults(), {})
+        assert fold_config["hold_out_fold"] == [k, 3]
+        seen = set(load_data(str(data), fold_config, False, World()).train.image_names)  # what fold k trained on
+        rows = np.load(run_dir / "folds" / f"fold{k}of3.npz")["rows"]
+        predicted = {train.image_names[r] for r in rows}
+        assert predicted and not predicted & seen, k  # by image: never a model that saw it
+        assert predicted == {n for n, f in zip(train.image_names, fold.tolist()) if f == k}
+    # A second --evaluate reuses the finished folds.
+    again, _ = evaluate(run_dir, "--threshold-split", "cv", "--folds", "3")
+    assert "Cross-fitting" not in capsys.readouterr().out and again["thresholds"] == results["thresholds"]
+
+
+def _sklearn_fit(y, p):
+    best = []
+    for c in range(y.shape[1]):
+        scores = [matthews_corrcoef(y[:, c], (p[:, c] >= t).astype(int)) for t in GRID]
+        best.append(0.5 if max(abs(s) for s in scores) == 0 else GRID[int(np.argmax(scores))])
+    return np.array(best)
+
+
+def _pooled(y, p, labels):
+    pooled_y, pooled_p = y[:, labels].reshape(-1), p[:, labels].reshape(-1)
+    scores = [matthews_corrcoef(pooled_y, (pooled_p >= t).astype(int)) for t in GRID]
+    return 0.5 if max(abs(s) for s in scores) == 0 else GRID[int(np.argmax(scores))]
+
+
+def test_min_positives_and_shrinkage_through_evaluate_equal_a_recomputation(run):
+    run_dir, _ = run
+    _, saved = evaluate(run_dir, "--threshold-min-positives", "3")
+    y, p = saved["fit_targets"].astype(int), saved["fit_probs"].astype(np.float64)
+    own, positives = _sklearn_fit(y, p), y.sum(0)
+    rare = positives < 3
+    assert rare.any() and (~rare).any()
+    expected = np.where(rare, _pooled(y, p, rare), own)
+    np.testing.assert_allclose(saved["thresholds"], expected, atol=1e-6)
+
+    _, saved = evaluate(run_dir, "--threshold-shrinkage", "4")
+    pooled = _pooled(y, p, np.ones(y.shape[1], dtype=bool))
+    np.testing.assert_allclose(saved["thresholds"], (positives * own + 4 * pooled) / (positives + 4), atol=1e-6)
+
+
+def test_train_plus_val_fits_on_both_splits(run):
+    run_dir, _ = run
+    results, saved = evaluate(run_dir, "--threshold-split", "train+val")
+    assert results["run"]["threshold_split"] == "train+val" and len(saved["fit_images"]) == 30
+    np.testing.assert_allclose(saved["thresholds"], _sklearn_fit(saved["fit_targets"].astype(int),
+                                                                 saved["fit_probs"].astype(np.float64)), atol=1e-6)
+
+
+def test_fold_assignment_is_balanced_seeded_and_keeps_gan_copies_with_their_original():
+    from dataset import Split
+
+    names = [f"{i}.jpeg" for i in range(7)] + ["3_aug.jpeg", "5_aug.jpeg"]
+    split = Split("train", names, [None] * 9, torch.zeros(9, 2), sources=[None] * 7 + ["3.jpeg", "5.jpeg"])
+    fold = fold_of(split, 3, seed=0).tolist()
+    assert sorted(np.bincount(fold[:7]).tolist()) == [2, 2, 3]
+    assert fold[7] == fold[3] and fold[8] == fold[5]
+    assert fold == fold_of(split, 3, seed=0).tolist() and fold != fold_of(split, 3, seed=1).tolist()
