@@ -40,12 +40,19 @@ def main_py(*argv: str) -> None:
     subprocess.run([sys.executable, str(REPO / "main.py"), *argv], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
+def trained(run: Path, epochs: int) -> bool:
+    """True when `run` finished all `epochs` (log.csv has a header and one row per epoch)."""
+    log = run / "log.csv"
+    return (run / "best.pth").is_file() and log.is_file() and len(log.read_text().splitlines()) == epochs + 1
+
+
 def study(seed: int, data: Path, save: Path, epochs: int) -> dict:
     name = f"seed{seed}"
-    main_py("--data", str(data), "--model", "TinyResNet", "--no-pretrained", "--image-size", "64", "--epochs",
-            str(epochs), "--batch-size", "32", "--learning-rate", "3e-3", "--loss-function", "AsymmetricLoss",
-            "--seed", str(seed), "--save-dir", str(save), "--run-name", name, "--no-progress")
     run = save / f"TinyResNet_AsymmetricLoss_{data.name}_{name}"
+    if not trained(run, epochs):  # a finished seed is reused; cv reuses its finished folds by itself
+        main_py("--data", str(data), "--model", "TinyResNet", "--no-pretrained", "--image-size", "64", "--epochs",
+                str(epochs), "--batch-size", "32", "--learning-rate", "3e-3", "--loss-function", "AsymmetricLoss",
+                "--seed", str(seed), "--save-dir", str(save), "--run-name", name, "--no-progress")
     rows = {}
     for option, flags in OPTIONS.items():
         start = time.perf_counter()

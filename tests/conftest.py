@@ -63,3 +63,12 @@ def log_rows(run_dir: Path) -> list[dict]:
     with (run_dir / "log.csv").open() as f:
         # Wall-clock columns (images/s, seconds) differ between runs by nature; everything else must not.
         return [{k: v for k, v in row.items() if not k.endswith(("images_per_s", "time_s"))} for row in csv.DictReader(f)]
+
+
+def evaluate(run_dir: Path, *flags) -> tuple[dict, dict]:
+    """--evaluate a run (with `flags`); returns (results.json, the arrays of evaluation.npz)."""
+    from main import cli
+
+    cli(["--evaluate", "--checkpoint", str(run_dir), "--num-workers", "0", "--no-progress", *flags])
+    saved = np.load(run_dir / "evaluation.npz")
+    return json.loads((run_dir / "results.json").read_text()), {k: saved[k] for k in saved.files}

@@ -1,13 +1,12 @@
 """Cross-fitted and steadied thresholds through --evaluate (crossfit.py, report.py): out-of-fold predictions come from
 models that never saw the image, folds are reused, and every option's thresholds are recomputed from evaluation.npz."""
-import json
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import matthews_corrcoef
 
-from conftest import run_dirs, train_args, write_dataset
+from conftest import evaluate, run_dirs, train_args, write_dataset
 from dataset import fold_of
 from main import cli, config_defaults
 from trainer import World, load_data, resume_config
@@ -23,12 +22,6 @@ def run(tmp_path_factory):
     cli(train_args(data, save, "--epochs", "1"))
     (run_dir,) = run_dirs(save)
     return run_dir, data
-
-
-def evaluate(run_dir, *flags):
-    cli(["--evaluate", "--checkpoint", str(run_dir), "--num-workers", "0", "--no-progress", *flags])
-    saved = np.load(run_dir / "evaluation.npz")
-    return json.loads((run_dir / "results.json").read_text()), {k: saved[k] for k in saved.files}
 
 
 def test_out_of_fold_predictions_never_come_from_a_model_that_saw_the_image(run, capsys):

@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score, matthews_corrcoef, precision_recall_fscore_support
 
 import main as main_module
-from conftest import run_dirs, train_args, write_dataset
+from conftest import evaluate, run_dirs, train_args, write_dataset
 from main import cli
 
 GRID = [round(0.05 * k, 2) for k in range(1, 15)]
@@ -34,12 +34,6 @@ def run(tmp_path_factory):
     cli(train_args(root, save, "--epochs", "3", "--val-size", "12", "--batch-size", "8"))
     (run_dir,) = run_dirs(save)
     return run_dir, root
-
-
-def evaluate(run_dir, *flags):
-    cli(["--evaluate", "--checkpoint", str(run_dir), "--num-workers", "0", "--no-progress", *flags])
-    saved = np.load(run_dir / "evaluation.npz")
-    return json.loads((run_dir / "results.json").read_text()), {k: saved[k] for k in saved.files}
 
 
 def sklearn_thresholds(y, p, grid=GRID, criterion="mcc", fallback="default"):
