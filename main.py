@@ -173,7 +173,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold-split", default=None, choices=["val", "train", "train+val", "cv"],
                    help="[recipe] predictions the thresholds are fitted on: val, train, both, or cv = every training "
                         "image predicted by a model trained without it (--folds K extra trainings, reused once done). "
-                        "Default recipe: val, or train under --select-on-test; study: train")
+                        "Default recipe: train+val (measured in the README), or train under --select-on-test; study: train")
     g.add_argument("--folds", type=int, default=5, help="--threshold-split cv: number of folds (extra trainings)")
     g.add_argument("--threshold-min-positives", type=int, default=0, metavar="N",
                    help="labels with fewer than N positives in the fitting split take one threshold fitted on all such "

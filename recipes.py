@@ -69,7 +69,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "weights_tag": _timm_default_tag,
         "drop_last": True,
         "shuffle_once": False,
-        "threshold_split": lambda c: "train" if c["select_on_test"] else "val",
+        # train+val: measured best for rare labels (README "Thresholds for rare labels", bench/thresholds.py)
+        "threshold_split": lambda c: "train" if c["select_on_test"] else "train+val",
         "threshold_transform": "eval",
         "threshold_fallback": "default",
         "threshold_compare": "ge",

@@ -62,7 +62,7 @@ def _pooled(y, p, labels):
 
 def test_min_positives_and_shrinkage_through_evaluate_equal_a_recomputation(run):
     run_dir, _ = run
-    _, saved = evaluate(run_dir, "--threshold-min-positives", "3")
+    _, saved = evaluate(run_dir, "--threshold-split", "val", "--threshold-min-positives", "3")  # val: few positives
     y, p = saved["fit_targets"].astype(int), saved["fit_probs"].astype(np.float64)
     own, positives = _sklearn_fit(y, p), y.sum(0)
     rare = positives < 3
@@ -70,7 +70,7 @@ def test_min_positives_and_shrinkage_through_evaluate_equal_a_recomputation(run)
     expected = np.where(rare, _pooled(y, p, rare), own)
     np.testing.assert_allclose(saved["thresholds"], expected, atol=1e-6)
 
-    _, saved = evaluate(run_dir, "--threshold-shrinkage", "4")
+    _, saved = evaluate(run_dir, "--threshold-split", "val", "--threshold-shrinkage", "4")
     pooled = _pooled(y, p, np.ones(y.shape[1], dtype=bool))
     np.testing.assert_allclose(saved["thresholds"], (positives * own + 4 * pooled) / (positives + 4), atol=1e-6)
 

@@ -50,12 +50,13 @@ def test_an_explicit_flag_wins_over_the_recipe():
     assert parsed("--no-select-on-test", "--recipe", "study")["select_on_test"] is False
 
 
-def test_the_default_recipe_is_what_the_repository_did_before_recipes():
+def test_the_default_recipe_values():
     config = parsed()
     assert (config["seed"], config["epochs"], config["schedule_epochs"], config["loss_reduction"]) == (0, 40, 40.0, "sum")
     assert config["detach_focusing"] is True and config["loss_eps"] == 0.0 and config["flip"] is True
     assert config["vertical_flip"] is False and config["normalise"] == ["backbone"] and config["drop_last"] is True
-    assert config["threshold_split"] == "val" and config["threshold_fallback"] == "default"
+    assert config["threshold_split"] == "train+val"  # chosen by bench/thresholds.py (README); was val
+    assert config["threshold_fallback"] == "default"
     assert config["threshold_compare"] == "ge" and config["metric_epsilon"] == 0.0
     assert config["weights_tag"] == "miil_in21k_ft_in1k"  # timm's default, named
     assert parsed("--select-on-test")["threshold_split"] == "train"  # as before: the study's split with its protocol

@@ -31,7 +31,7 @@ def test_train_evaluate_predict_compare(tiny_dataset, tmp_path, capsys):
             "per_image/f1", "N+", "mAP"}
     assert keys <= results["default"].keys() and keys <= results["mcc"].keys()
     assert list(results["thresholds"]) == ["sky", "sun", "water", "boat", "tree"]
-    assert results["run"]["threshold_split"] == "val" and results["run"]["split_sizes"]["test"] == 10
+    assert results["run"]["threshold_split"] == "train+val" and results["run"]["split_sizes"]["test"] == 10
     assert "Per-class F1" in (run / "results.md").read_text()
     with (run / "per_label.csv").open() as f:
         rows = list(csv.DictReader(f))

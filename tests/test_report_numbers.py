@@ -15,6 +15,7 @@ from conftest import evaluate, run_dirs, train_args, write_dataset
 from main import cli
 
 GRID = [round(0.05 * k, 2) for k in range(1, 15)]
+VAL = ("--threshold-split", "val")  # the validation split alone: its 12 images are easy to follow
 # scikit-learn warns when a label's column holds one class only (a label absent from the fitting split): expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:A single label was found:UserWarning")
 LABELS = ("sky", "sun", "water", "boat", "tree", "moon")
@@ -70,13 +71,13 @@ def assert_same_metrics(ours, reference):
 
 def test_results_json_and_per_label_csv_are_recomputed_from_the_saved_predictions(run):
     run_dir, root = run
-    results, saved = evaluate(run_dir)
+    results, saved = evaluate(run_dir, *VAL)
     y_fit, p_fit = saved["fit_targets"].astype(int), saved["fit_probs"].astype(np.float64)
     thresholds = sklearn_thresholds(y_fit, p_fit)
     np.testing.assert_allclose(saved["thresholds"], thresholds, rtol=0, atol=1e-7)
     assert list(results["thresholds"].values()) == pytest.approx(list(thresholds))
     assert list(saved["labels"]) == list(LABELS)
-    # The fitted split is the validation split, in split order; the test set is test.json in file order.
+    # The fitted split is the validation split (asked for), in split order; the test set is test.json in file order.
     test_names = [s["image_name"] for s in json.loads((root / "test.json").read_text())["samples"]]
     assert list(saved["test_images"]) == test_names and len(saved["fit_images"]) == 12
     y, p = saved["test_targets"].astype(int), saved["test_probs"].astype(np.float64)
@@ -126,21 +127,21 @@ def test_results_md_shows_exactly_the_numbers_of_results_json(run):
 
 def test_each_threshold_option_changes_exactly_what_it_should(run):
     run_dir, _ = run
-    base, saved = evaluate(run_dir)
+    base, saved = evaluate(run_dir, *VAL)
     y_fit, p_fit = saved["fit_targets"].astype(int), saved["fit_probs"].astype(np.float64)
     y, p = saved["test_targets"].astype(int), saved["test_probs"]
 
-    f1, s = evaluate(run_dir, "--threshold-method", "f1")
+    f1, s = evaluate(run_dir, *VAL, "--threshold-method", "f1")
     np.testing.assert_allclose(s["thresholds"], sklearn_thresholds(y_fit, p_fit, criterion="f1"), atol=1e-7)
     assert f1["default"] == base["default"]  # the 0.5 row does not depend on the thresholds
     assert_same_metrics(f1["mcc"], sklearn_metrics(y, p, s["thresholds"]))
 
     grid = [0.2, 0.4, 0.6]
-    coarse, s = evaluate(run_dir, "--threshold-grid", *map(str, grid))
+    coarse, s = evaluate(run_dir, *VAL, "--threshold-grid", *map(str, grid))
     np.testing.assert_allclose(s["thresholds"], sklearn_thresholds(y_fit, p_fit, grid=grid), atol=1e-7)
     assert coarse["run"]["threshold_grid"] == grid and coarse["default"] == base["default"]
 
-    first, s = evaluate(run_dir, "--threshold-fallback", "first")
+    first, s = evaluate(run_dir, *VAL, "--threshold-fallback", "first")
     fallback = np.array([not y_fit[:, c].any() or all(matthews_corrcoef(y_fit[:, c], p_fit[:, c] >= t) == 0
                                                       for t in GRID) for c in range(len(LABELS))])
     assert fallback[LABELS.index("moon")]  # no positive in the validation split
@@ -149,8 +150,15 @@ def test_each_threshold_option_changes_exactly_what_it_should(run):
 
     train, s = evaluate(run_dir, "--threshold-split", "train")
     assert train["run"]["threshold_split"] == "train" and len(s["fit_images"]) == 28
+    train_names = set(s["fit_images"])
     assert not set(s["fit_images"]) & set(saved["fit_images"])
     np.testing.assert_allclose(s["thresholds"], sklearn_thresholds(s["fit_targets"], s["fit_probs"]), atol=1e-7)
+
+    both, s = evaluate(run_dir)  # the default: train and validation predictions together, train's rows first
+    assert both["run"]["threshold_split"] == "train+val" and len(s["fit_images"]) == 28 + 12
+    assert set(s["fit_images"]) == set(saved["fit_images"]) | set(train_names)
+    np.testing.assert_allclose(s["thresholds"], sklearn_thresholds(s["fit_targets"], s["fit_probs"]), atol=1e-7)
+    assert_same_metrics(both["mcc"], sklearn_metrics(y, p, s["thresholds"]))
 
 
 def test_predict_applies_the_runs_thresholds_to_the_same_probabilities(run, tmp_path):
