@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -66,13 +67,18 @@ def study(seed: int, data: Path, save: Path, epochs: int) -> dict:
     return rows
 
 
+def settings(args) -> dict:
+    """The run's settings as saved: paths relative to the repository, so the file means the same on any clone."""
+    return {**vars(args), **{k: os.path.relpath(Path(getattr(args, k)).resolve(), REPO) for k in ("work", "shared")}}
+
+
 def previous_runs(args) -> dict:
     """Seeds already measured with the same settings in bench/results_thresholds.json and every option: reused."""
     path = BENCH / "results_thresholds.json"
     if not path.is_file():
         return {}
     saved = json.loads(path.read_text())
-    same = all(saved["settings"].get(k) == getattr(args, k) for k in ("epochs", "work", "shared"))
+    same = all(saved["settings"].get(k) == settings(args)[k] for k in ("epochs", "work", "shared"))
     return {seed: rows for seed, rows in saved["runs"].items() if same and set(OPTIONS) <= set(rows)}
 
 
@@ -104,7 +110,7 @@ def main(argv=None) -> dict:
         generate(data, Path(args.shared))
     runs = {seed: earlier.get(str(seed)) or study(seed, data, work / "runs", args.epochs) for seed in args.seeds}
     print(table(runs))
-    (BENCH / "results_thresholds.json").write_text(json.dumps({"settings": vars(args), "runs": runs}, indent=2))
+    (BENCH / "results_thresholds.json").write_text(json.dumps({"settings": settings(args), "runs": runs}, indent=2))
     return runs
 
 
