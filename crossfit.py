@@ -9,6 +9,7 @@ with its last.pth) and its predictions in <run>/folds/fold<k>of<K>.npz, which la
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from checkpoint import run_dir_name
 from dataset import DatasetSplits, fold_of
 from distributed import World, get_device, say
+from utils import atomic_write_bytes
 
 
 def fold_run(run_dir: Path, config: dict, defaults: dict, k: int, folds: int, args: argparse.Namespace) -> Path:
@@ -45,6 +47,15 @@ def fold_predictions(fold_dir: Path, rows: list[int], data: DatasetSplits, args,
     return {"probs": out["probs"], "targets": out["targets"], "rows": torch.tensor(rows)[out["indices"]]}
 
 
+def save_fold(path: Path, out: dict) -> None:
+    """The fold's predictions as one .npz written atomically: an interrupted write leaves no file that a later
+    --evaluate would take for a finished fold."""
+    buffer = io.BytesIO()
+    np.savez(buffer, probs=out["probs"].numpy(), targets=out["targets"].numpy(), rows=out["rows"].numpy())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def out_of_fold(run_dir: Path, config: dict, data: DatasetSplits, folds: int, args, defaults: dict) -> dict:
     """{"probs", "targets"} (N, C) of the training split's original images, each from the fold model that did not
     see it, in split order; trains the folds not finished yet (saying so), reuses the rest."""
@@ -59,8 +70,7 @@ def out_of_fold(run_dir: Path, config: dict, data: DatasetSplits, folds: int, ar
             fold_dir = fold_run(run_dir, config, defaults, k, folds, args)
             rows = ((fold == k) & originals).nonzero().flatten().tolist()
             out = fold_predictions(fold_dir, rows, data, args, defaults)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cached, probs=out["probs"].numpy(), targets=out["targets"].numpy(), rows=out["rows"].numpy())
+            save_fold(cached, out)
         saved = np.load(cached)
         parts.append({key: torch.from_numpy(saved[key]) for key in ("probs", "targets", "rows")})
     rows = torch.cat([p["rows"] for p in parts])

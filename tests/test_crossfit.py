@@ -92,3 +92,24 @@ def test_fold_assignment_is_balanced_seeded_and_keeps_gan_copies_with_their_orig
     assert sorted(np.bincount(fold[:7]).tolist()) == [2, 2, 3]
     assert fold[7] == fold[3] and fold[8] == fold[5]
     assert fold == fold_of(split, 3, seed=0).tolist() and fold != fold_of(split, 3, seed=1).tolist()
+
+
+def test_a_fold_cache_interrupted_while_written_leaves_no_file_a_later_evaluate_would_trust(tmp_path, monkeypatch):
+    import crossfit
+    import utils
+
+    out = {"probs": torch.rand(4, 3), "targets": torch.randint(0, 2, (4, 3)), "rows": torch.tensor([5, 1, 7, 2])}
+    path = tmp_path / "folds" / "fold0of5.npz"
+    crossfit.save_fold(path, out)
+    saved = np.load(path)
+    for key, value in out.items():
+        np.testing.assert_array_equal(saved[key], value.numpy())
+
+    def ctrl_c(*args):  # the write is done, the rename never happens
+        raise KeyboardInterrupt
+
+    other = tmp_path / "folds" / "fold1of5.npz"
+    monkeypatch.setattr(utils.os, "replace", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        crossfit.save_fold(other, out)
+    assert not other.exists() and sorted(p.name for p in path.parent.iterdir()) == ["fold0of5.npz"]
