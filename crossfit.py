@@ -60,7 +60,7 @@ def out_of_fold(run_dir: Path, config: dict, data: DatasetSplits, folds: int, ar
     """{"probs", "targets"} (N, C) of the training split's original images, each from the fold model that did not
     see it, in split order; trains the folds not finished yet (saying so), reuses the rest."""
     fold = fold_of(data.train, folds, config["seed"])  # (N,) -1 never: every row has an original
-    originals = torch.tensor([src is None for src in data.train.sources])
+    originals = ~data.train.generated  # (N,) bool
     parts = []
     for k in range(folds):
         cached = run_dir / "folds" / f"fold{k}of{folds}.npz"

@@ -264,9 +264,8 @@ def load_dataset(root: Path, augmentation: bool = False, val_size: int = 500, se
         aug = _make_split(root, "train_aug.json", vocabulary, skip_missing, "train_aug", require_labels=False)
         # Drop GAN copies of validation images: they would leak validation content into training.
         held_out = set(val.image_names) if protocol == "holdout" else set()
-        kept = aug.subset([i for i, src in enumerate(aug.sources) if src not in held_out], "train_aug")
-        kept.skipped = aug.skipped
-        train = train + kept
+        train = train + aug.subset([i for i, src in enumerate(aug.sources) if src not in held_out], "train_aug",
+                                   keep_skipped=True)
     if shuffle_once:
         from sklearn.utils import shuffle  # the study's own call, so the permutation is the study's
 

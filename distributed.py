@@ -39,16 +39,15 @@ def get_device(name: str = "auto") -> torch.device:
 
 def init_distributed(device: torch.device) -> tuple[World, torch.device]:
     """Join the torchrun process group if there is one; returns the world and this process's device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    world = launch_world()
+    if world.world_size <= 1:
         return World(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return World(rank, world_size, local_rank), device
+    return world, device
 
 
 def launch_world() -> World:

@@ -126,7 +126,7 @@ class OnnxAnnotator:
 def export_run(args, defaults: dict) -> dict:
     """--export onnx: the run's best.pth (with its fitted thresholds) as <run>/model.onnx or --output, checked on
     up to 16 of the run's test images."""
-    from report import load_run_model, run_directory  # the training code, needed to export (not to run) the file
+    from report import load_run_model, run_directory, run_normalisation  # training code: to export, not to run
     from trainer import World, eval_loader, load_data
 
     run_dir = run_directory(args)
@@ -137,9 +137,7 @@ def export_run(args, defaults: dict) -> dict:
     data = load_data(config["data"] if args.data is None else args.data, config, True, World())
     loader = eval_loader(data.test, config["image_size"], 16, 0, World(), torch.device("cpu"), True)
     images, _, _, ok = next(iter(loader))
-    from models import normalisation
-
-    stats = ckpt["normalisation"] or dict(zip(("mean", "std"), normalisation(model)))
+    stats = run_normalisation(model, ckpt)
     path = Path(args.output) if args.output else run_dir / "model.onnx"
     done = export_onnx(model, stats["mean"], stats["std"], config["image_size"], ckpt["vocabulary"],
                        ckpt["thresholds"], ckpt["threshold_compare"], images[ok], path)

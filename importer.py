@@ -36,9 +36,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils import DefaultsHelpFormatter, UserError, atomic_write_bytes, atomic_write_json
+from utils import DefaultsHelpFormatter, UserError, atomic_write_bytes, atomic_write_json, images_under
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DEFAULT_SEPARATOR = r"[\s,;]+"
 FIRST_FEW = 5
 
@@ -111,14 +110,10 @@ def _column(header: list[str], value: str | None, flag: str, source: Path) -> in
     raise ImportDataError(f"'{source}' has no column '{value}' ({flag}); its columns are: {', '.join(header)}.")
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
 def read_tag_files(source: Path, options: argparse.Namespace) -> list[Record]:
     """Records of a folder with one tag file <stem>.txt beside each image (an image without one has no label)."""
     records = []
-    for path in _images_under(source):
+    for path in images_under(source):
         tags = path.with_suffix(".txt")
         labels = split_labels(tags.read_text(encoding="utf-8"), options.label_separator) if tags.is_file() else []
         records.append(Record(path, flat_name(path.relative_to(source).as_posix()), labels))
@@ -128,7 +123,7 @@ def read_tag_files(source: Path, options: argparse.Namespace) -> list[Record]:
 def read_class_folders(source: Path, options: argparse.Namespace) -> list[Record]:
     """Records of a folder of class sub-folders: each image's one label is its folder's name."""
     return [Record(path, flat_name(path.relative_to(source).as_posix()), [path.relative_to(source).parts[0]])
-            for path in _images_under(source) if len(path.relative_to(source).parts) > 1]
+            for path in images_under(source) if len(path.relative_to(source).parts) > 1]
 
 
 SOURCES = {"csv": read_csv_source, "tags": read_tag_files, "folders": read_class_folders}

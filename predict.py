@@ -22,9 +22,8 @@ from tqdm import tqdm
 from dataset import AnnotationDataset, Split, make_loader
 from distributed import get_device
 from metrics import top_k
-from utils import UserError, atomic_write_json
+from utils import IMAGE_SUFFIXES, UserError, atomic_write_json, images_under
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 HEADER = ["image", "labels", "scores"]
 
 
@@ -33,7 +32,7 @@ def image_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = images_under(path)
         if files:
             return files
         raise UserError(f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under '{path}'.")

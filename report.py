@@ -1,7 +1,7 @@
 """Evaluation report (--evaluate) and run comparison (--compare); --predict is predict.py, --export export.py.
 
---evaluate loads a run's best checkpoint, fits per-label thresholds on the threshold split (validation by
-default), and writes under the run directory:
+--evaluate loads a run's best checkpoint, fits per-label thresholds on the threshold split (training + validation
+predictions by default; see --threshold-split), and writes under the run directory:
   results.json   {"default": metrics at 0.5, "mcc": metrics with fitted thresholds, "thresholds": {label: t}, "run": ...}
   results.md     the study's tables (per-image, per-class, per-class + MCC, N+, N+ + MCC) and mAP
   per_label.csv  label, train frequency (originals; GAN copies apart), test frequency, threshold, P, R, F1, AP
@@ -58,9 +58,14 @@ def load_run_model(run_dir: Path, wanted_model: str | None, defaults: dict, devi
     return model.eval(), ckpt, config
 
 
+def run_normalisation(model, ckpt: dict) -> dict:
+    """{"mean", "std"} the run trained with: its checkpoint's, or the backbone's for runs older than that field."""
+    return ckpt["normalisation"] or dict(zip(("mean", "std"), normalisation(model)))
+
+
 def run_preprocessor(model, ckpt: dict, args: argparse.Namespace, device: torch.device) -> BatchPreprocessor:
-    """The inputs' normalisation the run trained with (its checkpoint's; the backbone's for older runs)."""
-    stats = ckpt["normalisation"] or dict(zip(("mean", "std"), normalisation(model)))
+    """The inputs' normalisation the run trained with (`run_normalisation`), at the evaluation's precision."""
+    stats = run_normalisation(model, ckpt)
     return BatchPreprocessor(stats["mean"], stats["std"], device, resolve_precision(args.amp, args.channels_last, device))
 
 

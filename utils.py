@@ -73,6 +73,15 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+# The image files --predict and importer.py look for in a folder (by suffix, any case).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def images_under(folder: Path) -> list[Path]:
+    """Every image file (IMAGE_SUFFIXES) under `folder`, recursively, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch so that initialisation is reproducible."""
     random.seed(seed)

@@ -38,6 +38,7 @@ def test_annotate_with_top_k_and_a_score_floor():
 
 def test_image_files_lists_images_recursively_and_refuses_nothing(tmp_path):
     (tmp_path / "sub").mkdir()
+    (tmp_path / "album.jpg").mkdir()  # a folder named like an image is not an image (the importer's rule too)
     for name in ("b.JPG", "a.png", "sub/c.webp", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     assert [p.relative_to(tmp_path).as_posix() for p in predict.image_files(tmp_path)] == ["a.png", "b.JPG", "sub/c.webp"]
