@@ -25,9 +25,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from checkpoint import dataset_tag
 from dataset import multi_hot, read_annotations, resolve_data_root
 from losses import MultiLabelLoss, create_loss
+from runs import dataset_tag
 from utils import UserError, atomic_write_bytes, atomic_write_text
 
 COMMANDS = ("gradients", "labels", "curves", "per-label")

@@ -1,84 +1,24 @@
-"""Run directories and checkpoints.
+"""Checkpoints and the training log of a run directory (runs.py: the directory itself and its config.json).
 
-A run directory `<save-dir>/<model>_<loss>_<dataset>_<timestamp or --run-name>/` holds:
-`config.json` (the resolved configuration), `last.pth` (written every epoch and on Ctrl-C), `best.pth`
-(on improvement of the validation per-class F1), `log.csv` (one row per epoch) and, after --evaluate,
-the report files. A checkpoint is a plain dict (see `training_state`), written atomically.
-
-The run configuration (config.json) is the dict of main.py's flags. Runs made before a flag existed lack its key:
-`load_config` fills those keys once, from the defaults its caller passes (main.py's parser defaults, which are what
-those older runs did), so no other code needs a fallback.
+Training writes `last.pth` (every epoch and on Ctrl-C), `best.pth` (on improvement of the validation per-class F1)
+and `log.csv` (one row per epoch); nothing changes them afterwards. A checkpoint is a plain dict (see
+`training_state`), written atomically.
 """
 from __future__ import annotations
 
 import csv
-import json
-import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from utils import UserError, atomic_torch_save, atomic_write_json, atomic_write_text
+from utils import UserError, atomic_torch_save, atomic_write_text
 
 CHECKPOINT_VERSION = 2  # 2: + "normalisation" (the inputs' mean/std); version 1 files are upgraded on load
 
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint or run directory that cannot be used as asked."""
-
-
-def dataset_tag(data: str) -> str:
-    """Short dataset name for run-directory names: a known name as is, a path by its last folder."""
-    return Path(str(data).rstrip("/")).name or "data"
-
-
-def run_dir_name(model: str, loss: str, data: str, run_name: str | None = None) -> str:
-    return f"{model}_{loss}_{dataset_tag(data)}_{run_name or time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def make_run_dir(save_dir: str | Path, model: str, loss: str, data: str, run_name: str | None = None) -> Path:
-    """Create a fresh run directory; an existing --run-name is refused rather than overwritten."""
-    path = Path(save_dir) / run_dir_name(model, loss, data, run_name)
-    if path.exists() and any(path.iterdir()):
-        raise CheckpointError(f"Run directory '{path}' already exists; pick another --run-name, resume it with "
-                              f"--resume {path}, or delete it.")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def find_latest_run(save_dir: str | Path, model: str, loss: str, data: str) -> Path:
-    """The newest run directory of this model/loss/dataset that has a best.pth (for --evaluate)."""
-    prefix = f"{model}_{loss}_{dataset_tag(data)}_"
-    runs = sorted((p for p in Path(save_dir).glob(prefix + "*") if (p / "best.pth").is_file()),
-                  key=lambda p: (p / "best.pth").stat().st_mtime)
-    if not runs:
-        raise CheckpointError(f"No trained run of {model} + {loss} on {dataset_tag(data)} under '{save_dir}' "
-                              f"(looked for {prefix}*/best.pth); train one first with the same --model, "
-                              f"--loss-function and --data, or pass --checkpoint RUN_DIR.")
-    return runs[-1]
-
-
-def json_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The configuration with Paths as strings, so it is JSON (never a pickled argparse.Namespace)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}
-
-
-def save_config(run_dir: Path, config: dict[str, Any]) -> None:
-    atomic_write_json(run_dir / "config.json", json_config(config))
-
-
-def load_config(run_dir: str | Path, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """The run's config.json, with every key of `defaults` that it lacks (a run older than that flag) filled in."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"'{run_dir}' is not a run directory (no config.json); give the folder that "
-                              f"training created under --save-dir.")
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"'{path}' is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
-    return {**defaults, **saved}
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
@@ -134,7 +74,7 @@ def training_state(model: torch.nn.Module, optimizer, scheduler, *, scaler, ema,
             "ema": ema.state_dict() if ema is not None else None,
             "epoch": epoch, "epoch_progress": dict(epoch_progress), "best_metric": best_metric,
             "best_epoch": best_epoch, "best_source": best_source, "config": config, "vocabulary": list(vocabulary),
-            "normalisation": normalisation, "thresholds": None, "threshold_compare": None,
+            "normalisation": normalisation,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 

@@ -8,42 +8,38 @@ with its last.pth) and its predictions in <run>/folds/fold<k>of<K>.npz, which la
 """
 from __future__ import annotations
 
-import argparse
 import io
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from checkpoint import run_dir_name
+from config import Runtime
 from dataset import DatasetSplits, fold_of
 from distributed import World, get_device, say
-from utils import atomic_write_bytes
+from runs import load_config, load_run, predict_split, run_dir_name, run_preprocessor
+from utils import UserError, atomic_write_bytes
 
 
-def fold_run(run_dir: Path, config: dict, defaults: dict, k: int, folds: int, args: argparse.Namespace) -> Path:
-    """Train (or resume, or reuse) the model of fold k of `folds`; returns its run directory."""
-    from trainer import resume_config, train
-
+def fold_run(run_dir: Path, config: dict, k: int, folds: int, runtime: Runtime, train: Callable[[dict], Path]) -> Path:
+    """Train (or resume, or reuse) the model of fold k of `folds` with `train` (trainer.train); returns its run
+    directory. The fold trains as the run did, on this command's device and loader settings."""
     save_dir = run_dir / "folds"
     fold_dir = save_dir / run_dir_name(config["model"], config["loss_function"], config["data"], f"fold{k}of{folds}")
-    runtime = {"num_workers": args.num_workers, "progress": args.progress, "device": args.device,
-               "save_dir": str(save_dir), "cache": config["cache"]}
+    here = {"num_workers": runtime.num_workers, "device": runtime.device, "save_dir": str(save_dir),
+            "progress": runtime.progress}
     if (fold_dir / "last.pth").is_file():
-        return train(resume_config(fold_dir, defaults, {**runtime, "resume": str(fold_dir)}))
-    fold_config = {**config, **runtime, "resume": None, "run_name": f"fold{k}of{folds}", "hold_out_fold": [k, folds],
-                   "evaluate": False}
-    return train(fold_config)
+        return train({**load_config(fold_dir), **here, "resume": str(fold_dir)})
+    return train({**config, **here, "resume": None, "run_name": f"fold{k}of{folds}", "hold_out_fold": [k, folds]})
 
 
-def fold_predictions(fold_dir: Path, rows: list[int], data: DatasetSplits, args, defaults: dict) -> dict:
+def fold_predictions(fold_dir: Path, rows: list[int], data: DatasetSplits, runtime: Runtime) -> dict:
     """The fold model's probabilities of the training rows `rows` (its held-out fold)."""
-    from report import load_run_model, predict_split, run_preprocessor
-
-    device = get_device(args.device)
-    model, ckpt, config = load_run_model(fold_dir, None, defaults, device)
+    device = get_device(runtime.device)
+    model, ckpt, config = load_run(fold_dir, None, device)
     split = data.train.subset(rows, "fold")
-    out = predict_split(model, split, config, args, World(), device, run_preprocessor(model, ckpt, args, device))
+    out = predict_split(model, split, config, runtime, World(), device, run_preprocessor(model, ckpt, runtime, device))
     return {"probs": out["probs"], "targets": out["targets"], "rows": torch.tensor(rows)[out["indices"]]}
 
 
@@ -56,21 +52,24 @@ def save_fold(path: Path, out: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def out_of_fold(run_dir: Path, config: dict, data: DatasetSplits, folds: int, args, defaults: dict) -> dict:
+def out_of_fold(run_dir: Path, config: dict, data: DatasetSplits, folds: int, runtime: Runtime,
+                train: Callable[[dict], Path] | None) -> dict:
     """{"probs", "targets"} (N, C) of the training split's original images, each from the fold model that did not
-    see it, in split order; trains the folds not finished yet (saying so), reuses the rest."""
+    see it, in split order; trains the folds not finished yet with `train` (saying so), reuses the rest."""
     fold = fold_of(data.train, folds, config["seed"])  # (N,) -1 never: every row has an original
     originals = ~data.train.generated  # (N,) bool
     parts = []
     for k in range(folds):
         cached = run_dir / "folds" / f"fold{k}of{folds}.npz"
         if not cached.is_file():
+            if train is None:
+                raise UserError(f"Fold {k + 1} of {folds} of {run_dir} is not trained yet, and this command cannot "
+                                f"train; run --evaluate --threshold-split cv through main.py.")
             say(f"Cross-fitting: fold {k + 1} of {folds}, a model trained without {int((fold == k).sum())} of the "
                 f"{len(fold)} training images (K = {folds} extra trainings in all; finished folds are reused).")
-            fold_dir = fold_run(run_dir, config, defaults, k, folds, args)
+            fold_dir = fold_run(run_dir, config, k, folds, runtime, train)
             rows = ((fold == k) & originals).nonzero().flatten().tolist()
-            out = fold_predictions(fold_dir, rows, data, args, defaults)
-            save_fold(cached, out)
+            save_fold(cached, fold_predictions(fold_dir, rows, data, runtime))
         saved = np.load(cached)
         parts.append({key: torch.from_numpy(saved[key]) for key in ("probs", "targets", "rows")})
     rows = torch.cat([p["rows"] for p in parts])

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distributed import World
 from utils import UserError, atomic_write_bytes
 
 TOLERANCE = 1e-4  # max |p_onnx - p_torch| accepted on the check batch
@@ -123,25 +124,26 @@ class OnnxAnnotator:
         return self.session.run(None, {"images": np.ascontiguousarray(images, dtype=np.uint8)})[0]
 
 
-def export_run(args, defaults: dict) -> dict:
-    """--export onnx: the run's best.pth (with its fitted thresholds) as <run>/model.onnx or --output, checked on
-    up to 16 of the run's test images."""
-    from report import load_run_model, run_directory, run_normalisation  # training code: to export, not to run
-    from trainer import World, eval_loader, load_data
+def export_run(run_dir: Path, output: Path | None = None, data: str | None = None, model_name: str | None = None) -> dict:
+    """--export onnx: the run's best.pth with the thresholds of its latest --evaluate (thresholds.json) as
+    <run>/model.onnx or `output`, checked on up to 16 of the run's test images (`data`: --data, else the run's)."""
+    # The run's model needs timm and runs.py; an exported file runs without them (OnnxAnnotator).
+    from components import eval_loader, load_data
+    from runs import load_run, load_thresholds, run_data, run_normalisation
 
-    run_dir = run_directory(args)
-    model, ckpt, config = load_run_model(run_dir, args.model, defaults, torch.device("cpu"))
-    if ckpt["thresholds"] is None:
+    model, ckpt, config = load_run(run_dir, model_name, torch.device("cpu"))
+    fitted = load_thresholds(run_dir, ckpt)
+    if fitted is None:
         raise ExportError(f"{run_dir} has no fitted thresholds yet; run --evaluate --checkpoint {run_dir} first, so "
                           f"that the exported annotator carries them.")
-    data = load_data(config["data"] if args.data is None else args.data, config, True, World())
-    loader = eval_loader(data.test, config["image_size"], 16, 0, World(), torch.device("cpu"), True)
+    print(f"Thresholds: {fitted['source']}.", flush=True)
+    splits = load_data(run_data(run_dir, config, data), config, True, World())
+    loader = eval_loader(splits.test, config["image_size"], 16, 0, World(), torch.device("cpu"), True)
     images, _, _, ok = next(iter(loader))
     stats = run_normalisation(model, ckpt)
-    path = Path(args.output) if args.output else run_dir / "model.onnx"
+    path = output if output else run_dir / "model.onnx"
     done = export_onnx(model, stats["mean"], stats["std"], config["image_size"], ckpt["vocabulary"],
-                       ckpt["thresholds"], ckpt["threshold_compare"], images[ok], path)
+                       fitted["thresholds"], fitted["compare"], images[ok], path)
     print(f"Wrote {path}: ONNX Runtime and PyTorch agree to {done['max_abs_difference']:.1e} on "
           f"{done['images']} test images.", flush=True)
     return done
-

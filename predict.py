@@ -9,7 +9,6 @@ with --min-score as a floor.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from config import Runtime
 from dataset import AnnotationDataset, Split, make_loader
 from distributed import get_device
 from metrics import top_k
@@ -74,30 +74,33 @@ def onnx_predictor(path: Path) -> Predictor:
                      path.with_name(path.stem + "_predictions"))
 
 
-def run_predictor(args: argparse.Namespace, defaults: dict) -> Predictor:
-    """A trained run's best.pth with its fitted thresholds (0.5 for every label before --evaluate, said so)."""
-    from report import load_run_model, run_directory, run_preprocessor  # the training code, only for a run directory
+def run_predictor(run_dir: Path, model_name: str | None, runtime: Runtime) -> Predictor:
+    """A trained run's best.pth with the thresholds of its latest --evaluate (thresholds.json), saying which; 0.5
+    for every label before any --evaluate, said so."""
+    # runs.py brings timm and the model code: only a run directory needs them, an .onnx file does not.
+    from runs import load_run, load_thresholds, run_preprocessor
 
-    run_dir = run_directory(args)
-    device = get_device(args.device)
-    model, ckpt, config = load_run_model(run_dir, args.model, defaults, device)
-    thresholds, compare = ckpt["thresholds"], ckpt["threshold_compare"]
-    if thresholds is None:
+    device = get_device(runtime.device)
+    model, ckpt, config = load_run(run_dir, model_name, device)
+    fitted = load_thresholds(run_dir, ckpt)
+    if fitted is None:
         print(f"Note: {run_dir} has no fitted thresholds yet (run --evaluate first); using 0.5 for every label.",
               flush=True)
-        thresholds, compare = torch.full((len(ckpt["vocabulary"]),), 0.5), config["threshold_compare"]
-    preprocess = run_preprocessor(model, ckpt, args, device)
+        fitted = {"thresholds": torch.full((len(ckpt["vocabulary"]),), 0.5), "compare": config["threshold_compare"]}
+    else:
+        print(f"Thresholds: {fitted['source']}.", flush=True)
+    preprocess = run_preprocessor(model, ckpt, runtime, device)
 
     def score(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), preprocess.precision.autocast(device):
             return torch.sigmoid(model(preprocess(images)).float()).cpu()
 
-    return Predictor(score, ckpt["vocabulary"], thresholds.float(), compare, config["image_size"], run_dir,
-                     run_dir / "predictions")
+    return Predictor(score, ckpt["vocabulary"], fitted["thresholds"].float(), fitted["compare"], config["image_size"],
+                     run_dir, run_dir / "predictions")
 
 
-def _options(args: argparse.Namespace, predictor: Predictor) -> dict:
-    return {"source": str(predictor.source), "top_k": args.top_k, "min_score": args.min_score,
+def _options(predictor: Predictor, top_k: int | None, min_score: float | None) -> dict:
+    return {"source": str(predictor.source), "top_k": top_k, "min_score": min_score,
             "thresholds": [round(float(t), 6) for t in predictor.thresholds], "compare": predictor.compare}
 
 
@@ -128,36 +131,39 @@ def _append(table, rows: list[dict]) -> None:
     table.flush()
 
 
-def _tag(todo: list[Path], predictor: Predictor, args: argparse.Namespace, table) -> tuple[list[dict], list[str]]:
+def _tag(todo: list[Path], predictor: Predictor, runtime: Runtime, top_k: int | None, min_score: float | None,
+         table) -> tuple[list[dict], list[str]]:
     """Annotate `todo` batch by batch, appending each batch's rows to `table`; returns (rows, unreadable files)."""
     split = Split("predict", [str(f) for f in todo], todo, torch.zeros(len(todo), len(predictor.vocabulary)))
-    loader = make_loader(AnnotationDataset(split, predictor.image_size, skip_bad_images=True), args.batch_size,
-                         args.num_workers, shuffle=False)
+    loader = make_loader(AnnotationDataset(split, predictor.image_size, skip_bad_images=True), runtime.batch_size,
+                         runtime.num_workers, shuffle=False)
     rows, bad = [], []
-    bar = tqdm(total=len(todo), desc="annotating", unit="img", disable=not args.progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc="annotating", unit="img", disable=not runtime.progress, dynamic_ncols=True)
     for images, _, indices, ok in loader:
         bad += [str(todo[i]) for i in indices[~ok].tolist()]
         probs = predictor.score(images[ok]) if bool(ok.any()) else torch.empty(0, len(predictor.vocabulary))
         batch = [{"image": str(todo[i]), "labels": annotate(p, predictor.thresholds, predictor.vocabulary,
-                                                            predictor.compare == "gt", args.top_k, args.min_score)}
+                                                            predictor.compare == "gt", top_k, min_score)}
                  for i, p in zip(indices[ok].tolist(), probs)]
         _append(table, batch)
         rows += batch
         bar.update(len(indices))
-        if not args.progress:
+        if not runtime.progress:
             for row in batch:
                 print(f"{row['image']}  " + " ".join(f"{x['label']}:{x['score']:.3f}" for x in row["labels"]), flush=True)
     bar.close()
     return rows, bad
 
 
-def predict_paths(args: argparse.Namespace, defaults: dict) -> list[dict]:
-    """Annotate --predict PATH; writes <output>.csv (as it goes) and <output>.json; returns the rows in file order."""
-    files = image_files(Path(args.predict))
-    checkpoint = Path(args.checkpoint) if args.checkpoint else None
-    predictor = onnx_predictor(checkpoint) if checkpoint and checkpoint.suffix == ".onnx" else run_predictor(args, defaults)
-    prefix = Path(args.output) if args.output else predictor.default_output
-    options = _options(args, predictor)
+def predict_paths(path: Path, source: Path, runtime: Runtime, output: Path | None = None, top_k: int | None = None,
+                  min_score: float | None = None, model_name: str | None = None) -> list[dict]:
+    """Annotate the image or folder `path` with `source`, a run directory or an exported .onnx file (`model_name`:
+    --model, which a run must match); writes <output>.csv (as it goes) and <output>.json, output defaulting to
+    beside the source; returns the rows in file order."""
+    files = image_files(path)
+    predictor = onnx_predictor(source) if source.suffix == ".onnx" else run_predictor(source, model_name, runtime)
+    prefix = output if output else predictor.default_output
+    options = _options(predictor, top_k, min_score)
     done = resume_rows(prefix, options)
     todo = [f for f in files if str(f) not in done]
     if done:
@@ -166,7 +172,7 @@ def predict_paths(args: argparse.Namespace, defaults: dict) -> list[dict]:
     with prefix.with_suffix(".csv").open("a" if done else "w", newline="") as table:
         if not done:
             csv.writer(table).writerow(HEADER)
-        rows, bad = _tag(todo, predictor, args, table)
+        rows, bad = _tag(todo, predictor, runtime, top_k, min_score, table)
     by_image = {**done, **{r["image"]: r for r in rows}}
     ordered = [by_image[str(f)] for f in files if str(f) in by_image]
     atomic_write_json(prefix.with_suffix(".json"), ordered)

@@ -4,7 +4,7 @@
 (parham1998/CNN_Image_Annotaion). Every flag named here defaults to None, meaning "the recipe's value"; a flag given
 on the command line wins over the recipe, so pieces can be mixed. `resolve` fills the None values, in the order of
 RECIPE_KEYS (a value may depend on one resolved before it), and is idempotent; the resolved configuration is what
-config.json holds. Older configurations lack some keys: checkpoint.load_config fills them with None and "default",
+config.json holds. Older configurations lack some keys: config.complete fills them with None and "default",
 and `resolve` then gives them the default recipe, which is what those runs did.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "weights_tag": _timm_default_tag,
         "drop_last": True,
         "shuffle_once": False,
-        # train+val: measured best for rare labels (README "Thresholds for rare labels", bench/thresholds.py)
+        # train+val: measured best for rare labels (README "Thresholds for rare labels", bench/threshold_options.py)
         "threshold_split": lambda c: "train" if c["select_on_test"] else "train+val",
         "threshold_transform": "eval",
         "threshold_fallback": "default",

@@ -1,7 +1,7 @@
-"""Evaluation report (--evaluate) and run comparison (--compare); --predict is predict.py, --export export.py.
+"""Writing what --evaluate computed (evaluation.py), and --compare; it computes nothing itself.
 
---evaluate loads a run's best checkpoint, fits per-label thresholds on the threshold split (training + validation
-predictions by default; see --threshold-split), and writes under the run directory:
+Under the run directory, beside training's files (which stay as training left them):
+  thresholds.json the fitted thresholds, their comparison rule and how they were fitted (--predict, --export use it)
   results.json   {"default": metrics at 0.5, "mcc": metrics with fitted thresholds, "thresholds": {label: t}, "run": ...}
   results.md     the study's tables (per-image, per-class, per-class + MCC, N+, N+ + MCC) and mAP
   per_label.csv  label, train frequency (originals; GAN copies apart), test frequency, threshold, P, R, F1, AP
@@ -10,7 +10,6 @@ predictions by default; see --threshold-split), and writes under the run directo
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -22,61 +21,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from checkpoint import (CheckpointError, check_model, check_vocabulary, find_latest_run, load_checkpoint, load_config,
-                        save_checkpoint)
-from dataset import DEFAULT_DATA, BadImageError, Split, to_rgb
-from distributed import World, get_device, init_distributed
-from engine import BatchPreprocessor, predict, resolve_precision
-from metrics import binarize, compute_metrics, per_label_metrics, ranking_metrics, top_k, top_k_metrics
-from models import DEFAULT_MODEL, normalisation
-from thresholds import DEFAULT_GRID, fit_thresholds, pooled_threshold, stabilise
-from recipes import EVALUATION_KEYS, describe, resolve
-from trainer import eval_loader, load_data, model_from_config, training_flips
+from checkpoint import CheckpointError
+from dataset import BadImageError, Split, to_rgb
+from evaluation import TOP_K, Evaluation
+from metrics import binarize, per_label_metrics, top_k
+from runs import save_thresholds
 from utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-TOP_K = 5  # the annotation literature's protocol: 5 labels per image
 METRIC_ROWS = (("per_image/precision", "Per-image P"), ("per_image/recall", "Per-image R"),
                ("per_image/f1", "Per-image F1"), ("per_class/precision", "Per-class P"),
                ("per_class/recall", "Per-class R"), ("per_class/f1", "Per-class F1"), ("N+", "N+"),
                ("N+/precision", "P of N+"), ("mAP", "mAP"))
-
-
-def run_directory(args: argparse.Namespace) -> Path:
-    if args.checkpoint:
-        return Path(args.checkpoint)
-    return find_latest_run(args.save_dir, args.model or DEFAULT_MODEL, args.loss_function, args.data or DEFAULT_DATA)
-
-
-def load_run_model(run_dir: Path, wanted_model: str | None, defaults: dict, device: torch.device):
-    """(model in eval mode, best checkpoint, run config); `wanted_model` (--model, None = any) must be the run's."""
-    config = resolve(load_config(run_dir, defaults))
-    ckpt = load_checkpoint(run_dir / "best.pth")
-    check_model(config["model"], wanted_model or config["model"], run_dir / "best.pth")
-    # The head's label graph and text embeddings are placeholders here, filled from the checkpoint's state dict.
-    model = model_from_config(config, len(ckpt["vocabulary"]), pretrained=False).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt, config
-
-
-def run_normalisation(model, ckpt: dict) -> dict:
-    """{"mean", "std"} the run trained with: its checkpoint's, or the backbone's for runs older than that field."""
-    return ckpt["normalisation"] or dict(zip(("mean", "std"), normalisation(model)))
-
-
-def run_preprocessor(model, ckpt: dict, args: argparse.Namespace, device: torch.device) -> BatchPreprocessor:
-    """The inputs' normalisation the run trained with (`run_normalisation`), at the evaluation's precision."""
-    stats = run_normalisation(model, ckpt)
-    return BatchPreprocessor(stats["mean"], stats["std"], device, resolve_precision(args.amp, args.channels_last, device))
-
-
-def evaluation_settings(args: argparse.Namespace, config: dict) -> dict:
-    """The thresholding of this evaluation: each --threshold-* / --metric-epsilon flag given, else the run's
-    (its recipe's) value; plus the method and the grid."""
-    settings = {key: getattr(args, key) if getattr(args, key) is not None else config[key] for key in EVALUATION_KEYS}
-    grid = torch.tensor(args.threshold_grid, dtype=torch.float64) if args.threshold_grid else DEFAULT_GRID
-    return {**settings, "threshold_method": args.threshold_method, "grid": grid, "top_k": args.top_k or TOP_K,
-            "threshold_min_positives": args.threshold_min_positives, "threshold_shrinkage": args.threshold_shrinkage,
-            "folds": args.folds}
 
 
 def _format(value) -> str:
@@ -190,113 +145,6 @@ def predictions_figure(panels: list[dict], method: str = "mcc", columns: int = 4
     return buffer.getvalue()
 
 
-def predict_split(model, split: Split, config: dict, args: argparse.Namespace, world: World,
-                  device: torch.device, preprocess: BatchPreprocessor, flips: torch.Tensor | None = None) -> dict:
-    """{'probs', 'targets' (N, C), 'bad' (indices of unreadable images)} of `split`, rows in split order; `flips`
-    (N, 2) flips the images first."""
-    loader = eval_loader(split, config["image_size"], args.batch_size, args.num_workers, world, device,
-                         skip_bad_images(args, config))
-    out = predict(model, loader, device, preprocess, desc=split.name, progress=args.progress and world.is_main,
-                  flips=flips)
-    return {"probs": out["probs"], "targets": out["targets"], "indices": out["indices"], "bad": out["bad"]}
-
-
-def skip_bad_images(args: argparse.Namespace, config: dict) -> bool:
-    """Evaluation's one rule: skip missing or unreadable images when this command or the run's training asked to."""
-    return bool(args.skip_bad_images or config["skip_bad_images"])
-
-
-def run_metadata(run_dir: Path, config: dict, ckpt: dict, data, settings: dict) -> dict:
-    """What results.json says about the run, its recipe and the thresholding (results["run"])."""
-    return {"run_dir": str(run_dir), "model": config["model"], "loss_function": config["loss_function"],
-            "data": config["data"], "image_size": config["image_size"], "epochs": config["epochs"],
-            "seed": config["seed"], "split_sizes": data.sizes(), "protocol": data.protocol,
-            **{k: v for k, v in settings.items() if k != "grid"},
-            "threshold_grid": [round(float(g), 6) for g in settings["grid"]],
-            "best_epoch": ckpt["best_epoch"], "best_source": ckpt["best_source"], "head": config["head"],
-            "normalisation": ckpt["normalisation"], "recipe": dict(describe({**config, **settings}))}
-
-
-def fitting_predictions(model, data, config: dict, settings: dict, args: argparse.Namespace, world: World,
-                        device: torch.device, preprocess: BatchPreprocessor, run_dir: Path, defaults: dict) -> dict:
-    """The predictions the thresholds are fitted on, by --threshold-split: val, train (through the training flips
-    under --threshold-transform train, drawn for the epoch after the last trained one), train+val, or cv (each
-    training image predicted by a model that never saw it; crossfit.py)."""
-    where = settings["threshold_split"]
-    if where == "cv":
-        from crossfit import out_of_fold
-
-        return {**out_of_fold(run_dir, config, data, settings["folds"], args, defaults), "split": data.train}
-    parts = []
-    for split in ([data.train] if where == "train" else [data.val] if where == "val" else [data.train, data.val]):
-        flips = (training_flips(config, len(split), config["epochs"])
-                 if settings["threshold_transform"] == "train" and split is data.train else None)
-        parts.append({**predict_split(model, split, config, args, world, device, preprocess, flips), "split": split})
-    if len(parts) == 1:
-        return parts[0]
-    offset = len(data.train)  # train+val: val's rows follow train's
-    joined = data.train + data.val
-    return {"probs": torch.cat([p["probs"] for p in parts]), "targets": torch.cat([p["targets"] for p in parts]),
-            "indices": torch.cat([parts[0]["indices"], parts[1]["indices"] + offset]), "split": joined}
-
-
-def fit_run_thresholds(fitted: dict, settings: dict) -> torch.Tensor:
-    """Per-label thresholds (C,) on the fitting predictions, steadied for rare labels when asked: labels with fewer
-    than --threshold-min-positives positives take the threshold of those labels pooled, and --threshold-shrinkage
-    lambda pulls every label toward the pooled threshold (of all labels, without a minimum) by n / (n + lambda)."""
-    method, grid = settings["threshold_method"], settings["grid"]
-    thresholds = fit_thresholds(method, fitted["targets"], fitted["probs"], grid=grid,
-                                fallback=settings["threshold_fallback"]).float()  # (C,)
-    minimum, shrinkage = settings["threshold_min_positives"], settings["threshold_shrinkage"]
-    if not (minimum or shrinkage):
-        return thresholds
-    positives = fitted["targets"].sum(0)  # (C,)
-    pooled_over = positives < minimum if minimum else torch.ones_like(positives, dtype=torch.bool)
-    pooled = pooled_threshold(method, fitted["targets"], fitted["probs"], pooled_over, grid).float()
-    return stabilise(thresholds, positives, pooled, minimum, shrinkage)
-
-
-def score_test_set(test: dict, thresholds: torch.Tensor, settings: dict) -> dict:
-    """{"default": metrics at 0.5, "mcc": metrics with the fitted thresholds} under the evaluation's rule, "top_k":
-    each image annotated with its k best labels (the literature's protocol), "ranking": threshold-free ranking."""
-    rule = dict(strict=settings["threshold_compare"] == "gt", epsilon=settings["metric_epsilon"])
-    return {"default": compute_metrics(test["targets"], test["probs"], 0.5, **rule),
-            "mcc": compute_metrics(test["targets"], test["probs"], thresholds, **rule),
-            "top_k": top_k_metrics(test["targets"], test["probs"], settings["top_k"]),
-            "ranking": ranking_metrics(test["targets"], test["probs"])}
-
-
-def evaluate_run(args: argparse.Namespace, defaults: dict) -> dict:
-    """Fit thresholds on the threshold split, evaluate the test set, write the four report files; returns results."""
-    run_dir = run_directory(args)
-    world, device = init_distributed(get_device(args.device))
-    model, ckpt, config = load_run_model(run_dir, args.model, defaults, device)
-    data = load_data(config["data"] if args.data is None else args.data, config, skip_bad_images(args, config), world)
-    check_vocabulary(ckpt["vocabulary"], data.vocabulary, run_dir / "best.pth")
-    preprocess = run_preprocessor(model, ckpt, args, device)
-    settings = evaluation_settings(args, config)
-    fitted = fitting_predictions(model, data, config, settings, args, world, device, preprocess, run_dir, defaults)
-    thresholds = fit_run_thresholds(fitted, settings)
-    test = {**predict_split(model, data.test, config, args, world, device, preprocess), "split": data.test}
-    if len(test["bad"]) and world.is_main:
-        print(f"Skipped {len(test['bad'])} unreadable test images; the figures cover the remaining "
-              f"{len(test['probs'])}.", flush=True)
-    results = {**score_test_set(test, thresholds, settings),
-               "thresholds": {label: round(float(t), 6) for label, t in zip(data.vocabulary, thresholds)},
-               "run": run_metadata(run_dir, config, ckpt, data, settings)}
-    if not world.is_main:
-        return results
-    write_report(run_dir, results, data, {"fit": fitted, "test": test}, thresholds)
-    # Keep the fitted thresholds (and their comparison rule) with the weights, so --predict applies them.
-    save_checkpoint(run_dir / "best.pth", {**ckpt, "thresholds": thresholds, "threshold_method": args.threshold_method,
-                                           "threshold_compare": settings["threshold_compare"]})
-    print(f"Recipe: {config['recipe']}", flush=True)
-    print(markdown_tables(results), flush=True)
-    print(f"Per-class F1: {results['default']['per_class/f1']:.4f} at 0.5, {results['mcc']['per_class/f1']:.4f} with "
-          f"{args.threshold_method.upper()} thresholds; report in {run_dir}", flush=True)
-    return results
-
-
 def per_label_csv(vocabulary: list[str], train: Split, test: dict, thresholds: torch.Tensor, strict: bool,
                   k: int = TOP_K) -> str:
     """per_label.csv: each label's training images (originals; GAN copies in their own column), test images, fitted
@@ -335,10 +183,14 @@ def evaluation_arrays(vocabulary: list[str], predictions: dict, thresholds: torc
     return buffer.getvalue()
 
 
-def write_report(run_dir: Path, results: dict, data, predictions: dict, thresholds: torch.Tensor) -> None:
-    """results.json, results.md, per_label.csv, evaluation.npz and predictions.png, each written atomically."""
+def write_report(evaluation: Evaluation) -> None:
+    """thresholds.json (what --predict and --export apply), results.json, results.md, per_label.csv, evaluation.npz
+    and predictions.png under the run directory, each written atomically. Training's files are not touched."""
+    run_dir, results, data = evaluation.run_dir, evaluation.results, evaluation.data
+    thresholds, predictions = evaluation.thresholds, evaluation.predictions
     strict = results["run"]["threshold_compare"] == "gt"
     test = predictions["test"]
+    save_thresholds(run_dir, data.vocabulary, thresholds, evaluation.settings)
     atomic_write_json(run_dir / "results.json", results)
     atomic_write_text(run_dir / "results.md", _results_markdown(results))
     atomic_write_text(run_dir / "per_label.csv", per_label_csv(data.vocabulary, data.train, test, thresholds, strict,
@@ -346,6 +198,14 @@ def write_report(run_dir: Path, results: dict, data, predictions: dict, threshol
     atomic_write_bytes(run_dir / "evaluation.npz", evaluation_arrays(data.vocabulary, predictions, thresholds))
     panels = figure_panels(data.test, test["probs"], test["indices"], thresholds, data.vocabulary, strict=strict)
     atomic_write_bytes(run_dir / "predictions.png", predictions_figure(panels, results["run"]["threshold_method"]))
+
+
+def summary(results: dict, run_dir: Path) -> str:
+    """What --evaluate prints when done: the recipe, the study's tables and the per-class F1 line."""
+    method = results["run"]["threshold_method"].upper()
+    return (f"Recipe: {results['run']['recipe']['recipe']}\n{markdown_tables(results)}\n"
+            f"Per-class F1: {results['default']['per_class/f1']:.4f} at 0.5, {results['mcc']['per_class/f1']:.4f} "
+            f"with {method} thresholds; report in {run_dir}")
 
 
 def compare_runs(run_dirs: list[str]) -> str:

@@ -9,14 +9,16 @@
 5. `run_epochs`      per epoch `train_epoch` (Ctrl-C saves a resumable last.pth) and `validate`; best.pth, last.pth
                      and a log.csv row (`keep_checkpoints`)
 
-The configuration is the dict of main.py's flags, as saved in config.json; `resume_config` rebuilds it for --resume
-from the run's config.json. `load_data`, `eval_loader` and `model_from_config` serve report.py too.
+The configuration is the dict of config.py's training keys (what config.json holds) plus "progress" and "resume"
+(None, or the run directory to continue); `resume_config` rebuilds it for --resume from the run's config.json. The
+builders it shares with inference (data, loaders, model, loss) live in components.py.
 """
 from __future__ import annotations
 
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,66 +28,26 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from augment import TrainAugmentation, make_train_augmentation
-from checkpoint import (CSVLogger, check_vocabulary, load_checkpoint, load_config, make_run_dir,
-                        restore_training_state, save_checkpoint, save_config, training_state)
-from dataset import (COREL5K_STATISTICS, AnnotationDataset, DatasetSplits, Split, fold_of, load_dataset, make_loader,
-                     resolve_data_root)
+from checkpoint import (CSVLogger, check_vocabulary, load_checkpoint, restore_training_state, save_checkpoint,
+                        training_state)
+from components import eval_loader, first_few, load_data, loss_from_config, model_from_config, training_flips
+from dataset import COREL5K_STATISTICS, AnnotationDataset, DatasetSplits, make_loader
 from distributed import World, broadcast_object, get_device, init_distributed, say, sum_across_ranks
-from engine import (BatchPreprocessor, EpochProgress, Precision, epoch_flips, evaluate, resolve_precision,
-                    train_one_epoch)
-from heads import head_options
+from engine import BatchPreprocessor, EpochProgress, Precision, evaluate, resolve_precision, train_one_epoch
 from image_cache import build_cache, channel_statistics
-from losses import create_loss
-from models import AnnotationModel, count_trainable_parameters, create_model, normalisation
-from recipes import describe, resolve
+from models import AnnotationModel, count_trainable_parameters, normalisation
+from recipes import describe
+from runs import data_records, load_config, make_run_dir, save_config
 from utils import seed_everything
 
-# Flags that may differ when a run is resumed; everything else comes from the run's config.json.
-RUNTIME_FLAGS = ("resume", "num_workers", "progress", "device", "save_dir", "cache")
-FIRST_FEW = 5
 
-
-def resume_config(run_dir: str | Path, defaults: Mapping[str, Any], runtime: Mapping[str, Any]) -> dict:
-    """An interrupted run's configuration: its config.json (keys it lacks filled from `defaults`, then from its
-    recipe) with the resuming command's `runtime` flags (RUNTIME_FLAGS) on top."""
-    return {**resolve(load_config(run_dir, defaults)), **runtime}
+def resume_config(run_dir: str | Path, runtime: Mapping[str, Any]) -> dict:
+    """An interrupted run's configuration: its config.json (completed for older runs, runs.load_config) with the
+    resuming command's `runtime` values (config.RUNTIME_KEYS, "progress") on top, and "resume" set."""
+    return {**load_config(run_dir), **runtime, "resume": str(run_dir)}
 
 
 # ---------------------------------------------------------------- 1-2. data and loaders
-
-def _first_few(names: list[str]) -> str:
-    return ", ".join(names[:FIRST_FEW]) + (" ..." if len(names) > FIRST_FEW else "")
-
-
-def load_data(data: str, config: Mapping[str, Any], skip_bad_images: bool, world: World) -> DatasetSplits:
-    """The splits of `data` under the run's protocol (keys augmentation, val_size, seed, select_on_test).
-
-    Rank 0 resolves the root first (generating the demo data if needed); the others then read the same folder.
-    """
-    root = resolve_data_root(data) if world.is_main else None
-    if world.world_size > 1:
-        root = resolve_data_root(str(broadcast_object(str(root))))
-    splits = load_dataset(root, config["augmentation"], config["val_size"], config["seed"], config["select_on_test"],
-                          skip_bad_images, shuffle_once=config["shuffle_once"])
-    if config["hold_out_fold"]:
-        # A cross-fitting model (--threshold-split cv): trained without fold k of K of the training split.
-        k, folds = config["hold_out_fold"]
-        keep = (fold_of(splits.train, folds, config["seed"]) != k).nonzero().flatten().tolist()
-        splits.train = splits.train.subset(keep, "train", keep_skipped=True)
-    for split in {id(s): s for s in (splits.train, splits.val, splits.test)}.values():
-        if split.skipped:
-            say(f"Skipping {len(split.skipped)} missing images of {split.name} (--skip-bad-images): "
-                f"{_first_few(split.skipped)}")
-    return splits
-
-
-def eval_loader(split: Split, image_size: int, batch_size: int, num_workers: int, world: World,
-                device: torch.device, skip_bad_images: bool = False, cache=None) -> torch.utils.data.DataLoader:
-    """An unshuffled loader over `split`, sharded over the torchrun world (engine.predict gathers the rows)."""
-    dataset = AnnotationDataset(split, image_size, skip_bad_images, cache=cache)
-    return make_loader(dataset, batch_size, num_workers, shuffle=False, pin_memory=device.type == "cuda",
-                       num_replicas=world.world_size, rank=world.rank)
-
 
 @dataclass
 class Loaders:
@@ -131,27 +93,6 @@ def _drop_last(drop_last: bool, images: int, batch: int) -> bool:
 
 
 # ---------------------------------------------------------------- 3. model, loss, optimiser
-
-def model_from_config(config: Mapping[str, Any], num_classes: int, train_targets: torch.Tensor | None = None,
-                      vocabulary: list[str] | None = None, pretrained: bool | None = None) -> AnnotationModel:
-    """The run's model. `train_targets` (N, C), the TRAINING split's, give the gcn head its label graph; without
-    them (a model whose state dict is loaded next) the graph is a placeholder. `pretrained` None = the config's."""
-    options = head_options(config["head"], tau=config["gcn_tau"], p=config["gcn_p"],
-                           label_embeddings=config["label_embeddings"], train_targets=train_targets,
-                           vocabulary=vocabulary)
-    return create_model(config["model"], num_classes,
-                        pretrained=config["pretrained"] if pretrained is None else pretrained,
-                        weights=config["weights"] if pretrained is None else None, weights_tag=config["weights_tag"],
-                        global_pooling=config["global_pooling"], dropout=config["dropout"], head=config["head"],
-                        head_options=options)
-
-
-def loss_from_config(config: Mapping[str, Any]):
-    """The run's training loss (losses.create_loss; None options mean the loss's own default)."""
-    return create_loss(config["loss_function"], gamma_pos=config["gamma_pos"], gamma_neg=config["gamma_neg"],
-                       margin=config["margin"], reduction=config["loss_reduction"],
-                       detach_focusing=config["detach_focusing"], eps=config["loss_eps"])
-
 
 def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int):
     """OneCycleLR over `total_steps` with a 20 % warm-up (the study's pct_start)."""
@@ -270,13 +211,16 @@ def snapshot(parts: Parts, state: RunState, config: Mapping[str, Any], vocabular
                           normalisation=parts.normalisation, weights=weights, best_source=best_source)
 
 
-def start_run(config: Mapping[str, Any], world: World) -> tuple[dict, RunState]:
-    """A fresh run directory (rank 0 creates it and writes config.json); returns (config with run_dir, state)."""
+def start_run(config: Mapping[str, Any], data: DatasetSplits, world: World) -> tuple[dict, RunState]:
+    """A fresh run directory (rank 0 creates it and writes config.json: the training keys, where the dataset is and
+    when training started); returns (config with run_dir, state)."""
     run_dir = None
     if world.is_main:
         run_dir = make_run_dir(config["save_dir"], config["model"], config["loss_function"], config["data"],
                                config["run_name"])
-        save_config(run_dir, {**config, "run_dir": str(run_dir), "world_size": world.world_size})
+        started = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        save_config(run_dir, config, {"run_dir": str(run_dir), **data_records(run_dir, data.root),
+                                      "started": started, "world_size": world.world_size})
     run_dir = Path(broadcast_object(str(run_dir)))
     say(f"Run directory: {run_dir}")
     return {**config, "run_dir": str(run_dir), "world_size": world.world_size}, RunState(run_dir)
@@ -299,13 +243,6 @@ def resume_command(run_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------- 5. the epoch loop
-
-def training_flips(config: Mapping[str, Any], num_images: int, epoch: int) -> torch.Tensor | None:
-    """The epoch's (N, 2) flips under --flip / --vertical-flip, or None when both are off."""
-    if not (config["flip"] or config["vertical_flip"]):
-        return None
-    return epoch_flips(num_images, config["seed"], epoch, horizontal=config["flip"], vertical=config["vertical_flip"])
-
 
 def train_epoch(parts: Parts, loaders: Loaders, data: DatasetSplits, config: Mapping[str, Any], state: RunState,
                 world: World) -> dict[str, float]:
@@ -330,7 +267,7 @@ def train_epoch(parts: Parts, loaders: Loaders, data: DatasetSplits, config: Map
         raise SystemExit(130) from None
     if bad:
         say(f"Epoch {epoch + 1}: skipped {len(bad)} unreadable training images: "
-            f"{_first_few([data.train.image_names[i] for i in bad])}")
+            f"{first_few([data.train.image_names[i] for i in bad])}")
     if world.world_size > 1:
         # Every rank saw its own shard: log the loss per image over all of them, and the total throughput.
         loss_sum, seen, rate = sum_across_ranks(state.progress.loss_sum, state.progress.seen,
@@ -410,7 +347,7 @@ def train(config: Mapping[str, Any]) -> Path:
     if config["resume"]:
         state = resume_run(config, parts, data.vocabulary)
     else:
-        config, state = start_run(config, world)
+        config, state = start_run(config, data, world)
     say(f"{config['model']} ({count_trainable_parameters(parts.model):,} trainable parameters) + "
         f"{config['loss_function']} on {device} ({'fp32' if precision.amp_dtype is None else precision.amp_dtype}, "
         f"{'channels_last' if precision.channels_last else 'NCHW'}); splits {data.sizes()}")

@@ -1,6 +1,6 @@
 """A long-tailed benchmark with Corel-5k's real label sets: each of the 260 labels is a small mark of its own (one of
 64 cells x one of 5 colours) on a noisy 64 px canvas, so a small CNN can learn every label, and the labels keep
-Corel-5k's frequencies (water 1,004 training images ... 1). Used by bench/thresholds.py.
+Corel-5k's frequencies (water 1,004 training images ... 1). Used by bench/threshold_options.py.
 
     python bench/longtail.py OUT [--shared ../shared/datasets/Corel-5k]
 """

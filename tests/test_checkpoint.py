@@ -1,30 +1,14 @@
-"""Run directories, configurations and checkpoints (checkpoint.py): the one place where older configurations are
-filled in, training-state round trips, compatibility refusals, the newest run, the epoch log."""
+"""Checkpoints (checkpoint.py): training-state round trips, compatibility refusals, the epoch log, and runs older
+than the newer flags still evaluating and resuming."""
 import json
-import os
 
 import pytest
 import torch
 
-from checkpoint import (CheckpointError, CSVLogger, check_model, check_vocabulary, find_latest_run, load_checkpoint,
-                        load_config, make_run_dir, restore_training_state, save_checkpoint, training_state)
+from checkpoint import (CheckpointError, CSVLogger, check_model, check_vocabulary, load_checkpoint,
+                        restore_training_state, save_checkpoint, training_state)
 from conftest import run_dirs, train_args
-from main import cli, config_defaults
-
-
-def test_load_config_fills_only_the_missing_keys(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model": "TinyResNet", "epochs": 3}))
-    config = load_config(tmp_path, {"model": "TResNet", "epochs": 40, "head": "fc"})
-    assert config == {"model": "TinyResNet", "epochs": 3, "head": "fc"}
-
-
-def test_load_config_errors_are_one_sentence(tmp_path):
-    with pytest.raises(CheckpointError, match="not a run directory"):
-        load_config(tmp_path, {})
-    (tmp_path / "config.json").write_text('{"model": ')
-    with pytest.raises(CheckpointError, match="line 1, column"):
-        load_config(tmp_path, {})
-
+from main import cli
 
 # Keys that runs made before the heads/recipe flags lack; evaluation and resume must still work.
 NEWER_KEYS = ("head", "gcn_tau", "gcn_p", "label_embeddings", "randaugment", "cutout", "optimizer", "weight_decay")
@@ -42,12 +26,6 @@ def test_a_run_older_than_the_newer_flags_still_evaluates_and_resumes(tiny_datas
     cli(["--evaluate", "--checkpoint", str(run), "--num-workers", "0", "--no-progress"])
     assert json.loads((run / "results.json").read_text())["run"]["head"] == "fc"
     cli(["--resume", str(run), "--num-workers", "0", "--no-progress"])  # finished: nothing left, no error
-
-
-def test_every_flag_has_a_default_for_older_configs():
-    defaults = config_defaults()
-    assert set(NEWER_KEYS) <= defaults.keys()
-    assert defaults["head"] == "fc" and defaults["cutout"] == 0.0 and defaults["optimizer"] == "adam"
 
 
 def _parts(seed):
@@ -106,34 +84,6 @@ def test_compatibility_checks_name_both_sides():
         check_vocabulary(["a", "b"], ["a", "b", "c"], "best.pth")
     with pytest.raises(CheckpointError, match="same labels in another order"):
         check_vocabulary(["a", "b"], ["b", "a"], "best.pth")
-
-
-def test_make_run_dir_refuses_to_overwrite_a_run(tmp_path):
-    run = make_run_dir(tmp_path, "TinyResNet", "BCELoss", "/data/tiny/", "x")
-    assert run.name == "TinyResNet_BCELoss_tiny_x"
-    (run / "log.csv").write_text("epoch\n")
-    with pytest.raises(CheckpointError, match="already exists"):
-        make_run_dir(tmp_path, "TinyResNet", "BCELoss", "/data/tiny/", "x")
-
-
-def test_find_latest_run_takes_the_newest_finished_run_of_that_model_loss_and_data(tmp_path):
-    def run(name, mtime, best=True):
-        folder = tmp_path / name
-        folder.mkdir()
-        if best:
-            (folder / "best.pth").write_bytes(b"x")
-            os.utime(folder / "best.pth", (mtime, mtime))
-        return folder
-
-    run("TinyResNet_BCELoss_tiny_a", 1000)
-    newest = run("TinyResNet_BCELoss_tiny_b", 3000)
-    run("TinyResNet_BCELoss_tiny_c", 2000)
-    run("TinyResNet_BCELoss_tiny_d", 0, best=False)  # no best.pth yet: not a candidate
-    run("ResNet18_BCELoss_tiny_e", 9000)  # another model
-    run("TinyResNet_BCELoss_other_f", 9000)  # another dataset
-    assert find_latest_run(tmp_path, "TinyResNet", "BCELoss", "tiny") == newest
-    with pytest.raises(CheckpointError, match="No trained run of TinyResNet \\+ LSEPLoss"):
-        find_latest_run(tmp_path, "TinyResNet", "LSEPLoss", "tiny")
 
 
 def test_csv_logger_keeps_the_first_header_and_truncates_for_a_resumed_run(tmp_path):

@@ -8,8 +8,10 @@ from sklearn.metrics import matthews_corrcoef
 
 from conftest import evaluate, run_dirs, train_args, write_dataset
 from dataset import fold_of
-from main import cli, config_defaults
-from trainer import World, load_data, resume_config
+from components import load_data
+from distributed import World
+from main import cli
+from runs import load_config
 
 GRID = [round(0.05 * k, 2) for k in range(1, 15)]
 pytestmark = pytest.mark.filterwarnings("ignore:A single label was found:UserWarning")
@@ -28,13 +30,13 @@ def test_out_of_fold_predictions_never_come_from_a_model_that_saw_the_image(run,
     run_dir, data = run
     results, saved = evaluate(run_dir, "--threshold-split", "cv", "--folds", "3")
     assert results["run"]["threshold_split"] == "cv" and capsys.readouterr().out.count("Cross-fitting: fold") == 3
-    config = resume_config(run_dir, config_defaults(), {})
+    config = load_config(run_dir)
     train = load_data(str(data), config, False, World()).train  # 24 training images (6 held out for validation)
     assert sorted(saved["fit_images"]) == sorted(train.image_names)  # every training image, once
     fold = fold_of(train, 3, config["seed"])
     for k in range(3):
         (fold_dir,) = (run_dir / "folds").glob(f"*_fold{k}of3")
-        fold_config = resume_config(fold_dir, config_defaults(), {})
+        fold_config = load_config(fold_dir)
         assert fold_config["hold_out_fold"] == [k, 3]
         seen = set(load_data(str(data), fold_config, False, World()).train.image_names)  # what fold k trained on
         rows = np.load(run_dir / "folds" / f"fold{k}of3.npz")["rows"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from conftest import write_dataset
-from main import config_defaults
-from trainer import build_training, resume_config
+from runs import load_config
+from trainer import build_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_two_processes_train_the_same_weights_as_one_on_the_same_global_batches(
     for key, value in one["model"].items():
         torch.testing.assert_close(two["model"][key], value, rtol=0, atol=1e-5, msg=key)
     # Training moved the weights well beyond that tolerance (so the equality above is not the initial weights').
-    config = resume_config(tmp_path / "one" / "TinyResNet_AsymmetricLoss_tiny_r", config_defaults(), {})
+    config = load_config(tmp_path / "one" / "TinyResNet_AsymmetricLoss_tiny_r")
     initial = build_training(config, torch.device("cpu"), 5, 3)[0].state_dict()
     assert max(float((one["model"][k] - initial[k]).abs().max()) for k in initial) > 1e-3  # 100x the tolerance
 

@@ -459,7 +459,7 @@ def _study_reference(name, x, y):
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_each_loss_under_the_study_recipe_equals_the_studys_definition(name):
     from recipes import resolve
-    from trainer import loss_from_config
+    from components import loss_from_config
 
     config = resolve({**_config_defaults(), "recipe": "study", "loss_function": name, "model": "TinyResNet",
                       "data": "Corel-5k"})
@@ -497,9 +497,9 @@ def test_mean_all_divides_the_sum_by_every_entry():
 
 
 def _config_defaults():
-    from main import config_defaults
+    from config import TRAINING_DEFAULTS
 
-    return config_defaults()
+    return TRAINING_DEFAULTS
 
 
 # ---------------------------------------------------------------- messages and options (killing mutants that survived)

@@ -63,20 +63,10 @@ def evaluated_run(tmp_path_factory):
 
 
 def tag(checkpoint, folder, output, *extra):
-    return predict.predict_paths(_args(["--predict", str(folder), "--checkpoint", str(checkpoint), "--num-workers", "0",
-                                        "--no-progress", "--output", str(output), *extra]), _defaults())
+    from main import get_args_parser, main
 
-
-def _args(argv):
-    from main import get_args_parser
-
-    return get_args_parser().parse_args(argv)
-
-
-def _defaults():
-    from main import config_defaults
-
-    return config_defaults()
+    return main(get_args_parser().parse_args(["--predict", str(folder), "--checkpoint", str(checkpoint),
+                                              "--num-workers", "0", "--no-progress", "--output", str(output), *extra]))
 
 
 def test_an_interrupted_folder_run_keeps_its_rows_and_resumes_with_the_rest(evaluated_run, tmp_path, monkeypatch):
@@ -127,7 +117,8 @@ def test_an_exported_onnx_file_tags_like_the_pytorch_model(evaluated_run, tmp_pa
     annotator = export.OnnxAnnotator(tmp_path / "model.onnx")
     best = torch.load(run / "best.pth", weights_only=True)
     assert annotator.vocabulary == best["vocabulary"] and annotator.image_size == 32
-    torch.testing.assert_close(annotator.thresholds, best["thresholds"].float())
+    torch.testing.assert_close(annotator.thresholds,
+                               torch.tensor(json.loads((run / "thresholds.json").read_text())["thresholds"]))
     pytorch = tag(run, data / "images", tmp_path / "torch")
     onnx = tag(tmp_path / "model.onnx", data / "images", tmp_path / "onnx")
     assert [[x["label"] for x in r["labels"]] for r in onnx] == [[x["label"] for x in r["labels"]] for r in pytorch]
@@ -140,15 +131,28 @@ def test_tagging_with_an_onnx_file_loads_neither_timm_nor_the_training_code(eval
     run, data = evaluated_run
     cli(["--export", "onnx", "--checkpoint", str(run), "--output", str(tmp_path / "model.onnx")])
     script = (
-        "import argparse, sys; import predict\n"
-        f"args = argparse.Namespace(predict={str(data / 'images')!r}, checkpoint={str(tmp_path / 'model.onnx')!r}, "
-        f"output={str(tmp_path / 'alone')!r}, top_k=None, min_score=None, batch_size=8, num_workers=0, progress=False)\n"
-        "rows = predict.predict_paths(args, {})\n"
+        "import sys; from pathlib import Path; import predict; from config import Runtime\n"
+        f"rows = predict.predict_paths(Path({str(data / 'images')!r}), Path({str(tmp_path / 'model.onnx')!r}), "
+        f"Runtime(batch_size=8, num_workers=0, progress=False), Path({str(tmp_path / 'alone')!r}))\n"
         "print(len(rows), sorted({'timm', 'trainer', 'models', 'report', 'engine'} & set(sys.modules)))\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(predict.__file__).parent, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "34 []"
+
+
+def test_tagging_with_a_run_directory_loads_neither_the_training_code_nor_the_report(evaluated_run, tmp_path):
+    run, data = evaluated_run
+    script = (
+        "import sys; import main\n"
+        f"main.cli(['--predict', {str(data / 'images')!r}, '--checkpoint', {str(run)!r}, '--output', "
+        f"{str(tmp_path / 'tags')!r}, '--num-workers', '0', '--no-progress'])\n"
+        "print(sorted({'trainer', 'report', 'evaluation', 'crossfit', 'augment'} & set(sys.modules)))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(predict.__file__).parent, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert len(json.loads((tmp_path / "tags.json").read_text())) == 34
 
 
 def test_an_export_that_disagrees_with_pytorch_is_not_written(evaluated_run, tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 recipe is what the repository did before recipes existed."""
 import pytest
 
-from main import config_defaults, get_args_parser
+from config import TRAINING_DEFAULTS
+from main import get_args_parser
 from recipes import RECIPE_KEYS, RECIPES, resolve
 from utils import UserError
 
@@ -55,7 +56,7 @@ def test_the_default_recipe_values():
     assert (config["seed"], config["epochs"], config["schedule_epochs"], config["loss_reduction"]) == (0, 40, 40.0, "sum")
     assert config["detach_focusing"] is True and config["loss_eps"] == 0.0 and config["flip"] is True
     assert config["vertical_flip"] is False and config["normalise"] == ["backbone"] and config["drop_last"] is True
-    assert config["threshold_split"] == "train+val"  # chosen by bench/thresholds.py (README); was val
+    assert config["threshold_split"] == "train+val"  # chosen by bench/threshold_options.py (README); was val
     assert config["threshold_fallback"] == "default"
     assert config["threshold_compare"] == "ge" and config["metric_epsilon"] == 0.0
     assert config["weights_tag"] == "miil_in21k_ft_in1k"  # timm's default, named
@@ -63,7 +64,7 @@ def test_the_default_recipe_values():
 
 
 def test_resolution_is_idempotent_and_every_recipe_flag_defaults_to_none():
-    defaults = config_defaults()
+    defaults = TRAINING_DEFAULTS
     assert all(defaults[key] is None for key in RECIPE_KEYS)
     assert set(RECIPES["study"]) == set(RECIPE_KEYS)
     config = parsed("--recipe", "study")

@@ -1,7 +1,6 @@
 """--evaluate, --predict and --compare (report.py) through main.py on runs of a tiny generated dataset."""
 import csv
 import json
-import os
 
 import numpy as np
 import pytest
@@ -39,8 +38,9 @@ def test_train_evaluate_predict_compare(tiny_dataset, tmp_path, capsys):
     assert sum(int(r["test_frequency"]) for r in rows) == int(results["run"]["split_sizes"]["test"] and
                                                                sum(len(s["image_labels"]) for s in json.loads(
                                                                    (tiny_dataset / "test.json").read_text())["samples"]))
-    # The fitted thresholds travel with the weights, and --predict applies them.
-    assert torch.load(run / "best.pth", weights_only=True)["thresholds"].shape == (5,)
+    # The fitted thresholds are kept beside the weights (which stay as training left them), and --predict applies them.
+    assert json.loads((run / "thresholds.json").read_text())["thresholds"] == list(results["thresholds"].values())
+    assert "thresholds" not in torch.load(run / "best.pth", weights_only=True)
     capsys.readouterr()
     cli(["--predict", str(tiny_dataset / "images"), "--checkpoint", str(run), "--num-workers", "0", "--no-progress",
          "--output", str(tmp_path / "tags")])
@@ -175,23 +175,13 @@ def test_evaluate_skips_an_unreadable_test_image_without_shifting_the_others(tin
     assert results["run"]["split_sizes"]["test"] == 10 and (run / "predictions.png").stat().st_size > 0
 
 
-def test_evaluate_without_checkpoint_takes_the_newest_of_several_runs(tiny_dataset, tmp_path):
-    save = tmp_path / "runs"
-    for name in ("older", "newer"):
-        cli(train_args(tiny_dataset, save, "--epochs", "1", "--run-name", name))
-    old = save / "TinyResNet_AsymmetricLoss_tiny_older" / "best.pth"
-    os.utime(old, (old.stat().st_mtime + 60, old.stat().st_mtime + 60))  # "older" finished last after all
-    results = main_module.main(main_module.get_args_parser().parse_args(
-        ["--evaluate", "--model", "TinyResNet", "--loss-function", "AsymmetricLoss", "--data", str(tiny_dataset),
-         "--save-dir", str(save), "--num-workers", "0", "--no-progress"]))
-    assert results["run"]["run_dir"].endswith("TinyResNet_AsymmetricLoss_tiny_older")
-
-
 def test_augmentation_end_to_end_with_png_and_jpeg_originals(tiny_dataset, tmp_path):
     from PIL import Image
 
     from DataAugmentation import cli as gan_cli
-    from trainer import World, load_data, resume_config
+    from components import load_data
+    from distributed import World
+    from runs import load_config
 
     data = json.loads((tiny_dataset / "train.json").read_text())
     for s in data["samples"][::3]:  # a third of the training images become PNG originals
@@ -205,7 +195,7 @@ def test_augmentation_end_to_end_with_png_and_jpeg_originals(tiny_dataset, tmp_p
     (run,) = run_dirs(tmp_path / "runs")
     cli(["--evaluate", "--checkpoint", str(run), "--num-workers", "0", "--no-progress"])
 
-    splits = load_data(str(tiny_dataset), resume_config(run, main_module.config_defaults(), {}), False, World())
+    splits = load_data(str(tiny_dataset), load_config(run), False, World())
     val = set(splits.val.image_names)
     originals = [n for n, src in zip(splits.train.image_names, splits.train.sources) if src is None]
     copies = [src for src in splits.train.sources if src is not None]

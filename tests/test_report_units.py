@@ -116,45 +116,6 @@ def test_compare_runs_puts_each_runs_numbers_in_its_row(tmp_path):
         report.compare_runs([str(tmp_path / "missing")])
 
 
-def test_evaluation_settings_take_each_flag_given_else_the_runs():
-    import argparse
-
-    config = {"threshold_split": "train", "threshold_transform": "train", "threshold_fallback": "first",
-              "threshold_compare": "gt", "metric_epsilon": 1e-7}
-    args = argparse.Namespace(threshold_split=None, threshold_transform="eval", threshold_fallback=None,
-                              threshold_compare="ge", metric_epsilon=0.0, threshold_method="f1", threshold_grid=[0.2, 0.4],
-                              top_k=None, threshold_min_positives=0, threshold_shrinkage=0.0, folds=5)
-    settings = report.evaluation_settings(args, config)
-    assert {k: v for k, v in settings.items() if k != "grid"} == {
-        "threshold_split": "train", "threshold_transform": "eval", "threshold_fallback": "first",
-        "threshold_compare": "ge", "metric_epsilon": 0.0, "threshold_method": "f1", "top_k": 5,
-        "threshold_min_positives": 0, "threshold_shrinkage": 0.0, "folds": 5}
-    assert settings["grid"].tolist() == [0.2, 0.4]
-    assert report.evaluation_settings(argparse.Namespace(**{**vars(args), "threshold_grid": None}), config)[
-        "grid"].tolist() == pytest.approx([0.05 * k for k in range(1, 15)])
-
-
-def test_score_test_set_applies_the_comparison_and_epsilon():
-    test = {"targets": torch.tensor([[1.0, 0], [0, 1]]), "probs": torch.tensor([[0.5, 0.2], [0.1, 0.5]])}
-    ge = report.score_test_set(test, torch.tensor([0.4, 0.4]), {"threshold_compare": "ge", "metric_epsilon": 0.0,
-                                                                "top_k": 1})
-    gt = report.score_test_set(test, torch.tensor([0.4, 0.4]), {"threshold_compare": "gt", "metric_epsilon": 1e-7,
-                                                                "top_k": 1})
-    assert ge["top_k"]["per_image/recall"] == 1.0 and ge["ranking"]["ranking/lrap"] == 1.0
-    assert ge["default"]["per_image/recall"] == 1.0 and gt["default"]["per_image/recall"] == 0.0
-    assert ge["mcc"]["per_image/precision"] == 1.0 and gt["mcc"]["per_image/precision"] == 2 / (2 + 1e-7)
-    eps = report.score_test_set(test, torch.tensor([0.4, 0.4]), {"threshold_compare": "ge", "metric_epsilon": 1e-7,
-                                                                 "top_k": 1})
-    assert eps["mcc"]["per_image/precision"] == 2 / (2 + 1e-7) and eps["default"]["per_image/recall"] == 2 / (2 + 1e-7)
-
-
-def test_skip_bad_images_is_on_when_the_command_or_the_training_asked():
-    import argparse
-
-    for given, trained, expected in ((False, False, False), (True, False, True), (False, True, True)):
-        assert report.skip_bad_images(argparse.Namespace(skip_bad_images=given), {"skip_bad_images": trained}) is expected
-
-
 def test_marked_labels_marks_right_wrong_and_missed():
     scores = torch.tensor([0.2, 0.9, 0.6, 0.1])
     predicted, truth = torch.tensor([False, True, True, False]), torch.tensor([1, 1, 0, 0])

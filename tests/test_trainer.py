@@ -12,7 +12,8 @@ from PIL import Image
 
 import trainer
 from conftest import log_rows, run_dirs, train_args
-from main import cli, config_defaults, get_args_parser
+from config import TRAINING_DEFAULTS
+from main import cli, get_args_parser
 from recipes import resolve
 
 # A tiny hand-made label matrix: 5 images, 3 labels.
@@ -87,7 +88,9 @@ def test_same_seed_twice_gives_identical_metrics_and_another_seed_differs(tiny_d
 
 
 def test_non_finite_loss_stops_naming_epoch_and_batch(tiny_dataset, tmp_path, monkeypatch, capsys):
-    real_create = trainer.create_loss
+    import components
+
+    real_create = components.create_loss
 
     def exploding_loss(*args, **kwargs):
         loss = real_create(*args, **kwargs)
@@ -105,7 +108,7 @@ def test_non_finite_loss_stops_naming_epoch_and_batch(tiny_dataset, tmp_path, mo
         exploding.__dict__ = loss.__dict__
         return exploding
 
-    monkeypatch.setattr(trainer, "create_loss", exploding_loss)
+    monkeypatch.setattr(components, "create_loss", exploding_loss)
     with pytest.raises(SystemExit) as stop:
         cli(train_args(tiny_dataset, tmp_path / "runs", "--epochs", "2"))
     assert stop.value.code == 2
@@ -207,7 +210,7 @@ def test_the_benchmarks_train_with_main_py_defaults():
         import bench_config
     finally:
         sys.path.pop(0)
-    defaults = resolve({**config_defaults(), "model": "TResNet", "data": "demo"})
+    defaults = resolve({**TRAINING_DEFAULTS, "model": "TResNet", "data": "demo"})
     for key, value in bench_config.TRAINING.items():
         if key not in bench_config.OVERRIDDEN:
             assert defaults[key] == value, key
@@ -218,7 +221,7 @@ def test_the_benchmarks_train_with_main_py_defaults():
 # ---------------------------------------------------------------- the study's recipe
 
 def test_the_study_schedule_is_onecycle_over_80_epochs_stopped_after_60():
-    config = resolve({**config_defaults(), "recipe": "study", "model": "TinyResNet", "data": "x", "pretrained": False})
+    config = resolve({**TRAINING_DEFAULTS, "recipe": "study", "model": "TinyResNet", "data": "x", "pretrained": False})
     steps_per_epoch = 3
     _, _, optimizer, scheduler, _ = trainer.build_training(config, torch.device("cpu"), 5, steps_per_epoch)
     # The study's call: OneCycleLR(optimizer, max_lr, steps_per_epoch, epochs=80, pct_start=0.2) on plain Adam.
@@ -272,7 +275,7 @@ def test_keeping_the_last_batch_drops_only_a_batch_of_one(capsys):
 # ---------------------------------------------------------------- EMA: kept exactly when it scores better
 
 def test_the_ema_is_kept_exactly_when_it_scores_better_and_best_pth_then_holds_its_weights(monkeypatch, tmp_path):
-    config = resolve({**config_defaults(), "model": "TinyResNet", "data": "x", "pretrained": False, "ema": True})
+    config = resolve({**TRAINING_DEFAULTS, "model": "TinyResNet", "data": "x", "pretrained": False, "ema": True})
     model, criterion, optimizer, scheduler, ema = trainer.build_training(config, torch.device("cpu"), 3, 4)
     with torch.no_grad():
         for p in ema.module.parameters():
@@ -324,7 +327,7 @@ def test_default_inputs_are_normalised_with_the_backbones_own_statistics(name, t
 
     from models import create_model
 
-    config = resolve({**config_defaults(), "model": name, "data": "x"})
+    config = resolve({**TRAINING_DEFAULTS, "model": name, "data": "x"})
     mean, std = trainer.input_normalisation(config, None, create_model(name, 3), None, trainer.World())
     reference = timm.create_model(timm_name, pretrained=False).pretrained_cfg
     assert mean == pytest.approx(list(reference["mean"])) and std == pytest.approx(list(reference["std"]))

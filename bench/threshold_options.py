@@ -1,7 +1,7 @@
 """Which per-label thresholds generalise to rare labels: every --threshold-* option on the same trained models.
 
-    python bench/thresholds.py                       # 5 seeds, TinyResNet, ASL, 12 epochs, 64 px (about 18 minutes a seed)
-    python bench/thresholds.py --seeds 0 --epochs 4  # a quick look
+    python bench/threshold_options.py                       # 5 seeds, TinyResNet, ASL, 12 epochs, 64 px (about 18 minutes a seed)
+    python bench/threshold_options.py --seeds 0 --epochs 4  # a quick look
 
 On bench/longtail.py's benchmark (Corel-5k's label sets, 4,000 training + 500 validation + 499 test images), each
 seed trains one model; each option is one --evaluate of that model (cv trains its 5 fold models once per seed). The

@@ -1,8 +1,8 @@
 """Folder tagging speed: --predict's streaming tagger (PyTorch, and ONNX Runtime on the exported file) against a plain
 per-image loop, on the same generated images and the same model, in one run.
 
-    python bench/predict.py                   # TinyResNet at 64 px and EfficientNet-Lite0 at 96 px, 512 images
-    python bench/predict.py --images 128      # quicker
+    python bench/tagging.py                   # TinyResNet at 64 px and EfficientNet-Lite0 at 96 px, 512 images
+    python bench/tagging.py --images 128      # quicker
 
 The reference is what one writes first: for each file, PIL open, convert, resize, ToTensor + Normalize, the model on a
 batch of one, the sigmoid. The project: predict._tag, i.e. the DataLoader with --num-workers processes decoding uint8
@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import predict  # noqa: E402
+from config import Runtime  # noqa: E402
 from export import Annotator, OnnxAnnotator, onnx_bytes  # noqa: E402
 from models import create_model, normalisation  # noqa: E402
 from utils import atomic_write_json  # noqa: E402
@@ -62,11 +63,11 @@ def per_image_loop(model, paths, size, mean, std):
 
 
 def tagger(predictor, paths, workers, batch):
-    args = argparse.Namespace(batch_size=batch, num_workers=workers, progress=False, top_k=None, min_score=None)
+    runtime = Runtime(batch_size=batch, num_workers=workers, progress=False)
     with open(os.devnull, "w", newline="") as table, open(os.devnull, "w") as quiet:
         stdout, sys.stdout = sys.stdout, quiet  # the tagger prints a line per image without a progress bar
         try:
-            predict._tag(paths, predictor, args, table)
+            predict._tag(paths, predictor, runtime, None, None, table)
         finally:
             sys.stdout = stdout
 
