@@ -28,7 +28,7 @@ from torch import Tensor
 from dataset import multi_hot, read_annotations, resolve_data_root
 from losses import MultiLabelLoss, create_loss
 from runs import dataset_tag
-from utils import UserError, atomic_write_bytes, atomic_write_text
+from utils import ArgumentParser, UserError, atomic_write_bytes, atomic_write_text
 
 COMMANDS = ("gradients", "labels", "curves", "per-label")
 # log.csv columns drawn by `curves` (engine.train_one_epoch / engine.evaluate write them).
@@ -517,7 +517,7 @@ RUNNERS = {"gradients": run_gradients, "labels": run_labels, "curves": run_curve
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Plots of the study: loss gradients, label distribution, training curves, per-label results. "
                     "Each command writes a PNG and its data as CSV.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

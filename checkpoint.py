@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from utils import UserError, atomic_torch_save, atomic_write_text
+from utils import UserError, atomic_torch_save, atomic_write_text, first_sentence
 
 CHECKPOINT_VERSION = 2  # 2: + "normalisation" (the inputs' mean/std); version 1 files are upgraded on load
 
@@ -34,7 +34,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"Checkpoint '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
+        raise CheckpointError(f"Checkpoint '{path}' cannot be read ({type(e).__name__}: {first_sentence(e)}); "
                               f"it may be truncated or not a checkpoint of this project.") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("version") not in (1, CHECKPOINT_VERSION):
         raise CheckpointError(f"'{path}' is not a checkpoint of this project (version {CHECKPOINT_VERSION}).")

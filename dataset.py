@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,7 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils import UserError
+from utils import UserError, first_sentence
 
 REPO_DIR = Path(__file__).resolve().parent
 # CLI name -> folder next to main.py (the study keeps Corel-5k there).
@@ -53,7 +54,11 @@ class DatasetError(UserError, ValueError):
 
 
 class BadImageError(UserError, OSError):
-    """An image file that cannot be read or decoded."""
+    """An image file that cannot be read or decoded; `reason` says why in a few words."""
+
+    def __init__(self, message: str, reason: str = "unreadable"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def resolve_data_root(data: str) -> Path:
@@ -253,6 +258,10 @@ def load_dataset(root: Path, augmentation: bool = False, val_size: int = 500, se
     if select_on_test:
         val, protocol = test, "study"
     else:
+        if len(train) < 2:
+            raise DatasetError(f"train.json has {len(train)} usable image{'s' * (len(train) != 1)}: holding out a "
+                               f"validation split needs at least 2 (one to train on); add images, or pass "
+                               f"--select-on-test for the study's protocol.")
         if not 0 < val_size < len(train):
             raise DatasetError(f"--val-size {val_size} must be between 1 and {len(train) - 1} (train.json has "
                                f"{len(train)} usable images); or pass --select-on-test for the study's protocol.")
@@ -299,15 +308,30 @@ def fold_of(split: Split, folds: int, seed: int) -> torch.Tensor:
                          for name, src in zip(split.image_names, split.sources)])
 
 
+def image_problem(error: Exception) -> str:
+    """Why an image could not be read, in a few words (for lists of skipped images)."""
+    if isinstance(error, Image.DecompressionBombError):
+        return (f"larger than PIL's limit for untrusted images ({2 * Image.MAX_IMAGE_PIXELS:,} pixels); "
+                f"resize it")
+    if isinstance(error, FileNotFoundError):
+        return "missing"
+    return f"{type(error).__name__}: {first_sentence(error)}"
+
+
 def load_image(path: str | Path, image_size: int) -> torch.Tensor:
-    """Decode one image to RGB (see `to_rgb`), resize it to (image_size, image_size) bilinearly; uint8 (3, S, S)."""
+    """Decode one image to RGB (see `to_rgb`), resize it to (image_size, image_size) bilinearly; uint8 (3, S, S).
+
+    Images above PIL's decompression-bomb warning size (89 Mpx) load without its raw warning; above twice that,
+    PIL refuses them, and so does this, saying why."""
     try:
-        with Image.open(path) as im:
-            im = to_rgb(im).resize((image_size, image_size), Image.BILINEAR)
-            array = np.asarray(im, dtype=np.uint8)  # (S, S, 3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = to_rgb(im).resize((image_size, image_size), Image.BILINEAR)
+                array = np.asarray(im, dtype=np.uint8)  # (S, S, 3)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImageError(f"Image '{path}' cannot be read ({type(e).__name__}: {e}); replace the file, or pass "
-                            f"--skip-bad-images to skip unreadable images.") from None
+        raise BadImageError(f"Image '{path}' cannot be read ({image_problem(e)}); replace the file, or pass "
+                            f"--skip-bad-images to skip unreadable images.", reason=image_problem(e)) from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 

@@ -18,11 +18,15 @@ from tqdm import tqdm
 from distributed import gather_predictions
 from losses import reduction_factor
 from metrics import compute_metrics
-from utils import UserError
+from utils import GracefulStop, UserError
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class NonFiniteOutputError(UserError, FloatingPointError):
+    """A model's scores are NaN or infinite (damaged weights, or a diverged run)."""
 
 
 @dataclass(frozen=True)
@@ -110,11 +114,38 @@ def _split_batch(batch):
     return images, targets, indices, []
 
 
+class UndoPoint:
+    """What a batch changes before its optimiser step, kept so that an interrupted batch can be undone: the
+    BatchNorm running statistics (updated by the forward pass) and the RNG (dropout draws from it). `mark()` before
+    each batch (one fused copy), `undo()` puts them back."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.device = device
+        self.buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                        for b in m.buffers()]
+        self.saved = [torch.empty_like(b) for b in self.buffers]
+
+    def mark(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+    def undo(self) -> None:
+        with torch.no_grad():
+            if self.buffers:
+                torch._foreach_copy_(self.buffers, self.saved)
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, self.device)
+
+
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     device: torch.device, preprocess: BatchPreprocessor, *, epoch: int,
                     flips: torch.Tensor | None = None, scheduler=None, scaler: torch.amp.GradScaler | None = None,
                     ema=None, state: EpochProgress | None = None, progress: bool = True,
-                    bad_images: list | None = None, freeze_bn: bool = False) -> dict[str, float]:
+                    bad_images: list | None = None, freeze_bn: bool = False,
+                    stop: GracefulStop | None = None) -> dict[str, float]:
     """One pass over `loader`; returns {'train/loss': mean loss per image, 'train/images_per_s', 'lr'}.
 
     `flips` (N,) bool: per-image horizontal flips for this epoch (None = no flips). `state` is updated after
@@ -123,6 +154,10 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     Indices of unreadable images skipped by the loader are appended to `bad_images`. Raises
     NonFiniteLossError naming the epoch and batch if the loss is NaN or infinite. `freeze_bn` keeps the BatchNorm
     layers in eval mode (running statistics fixed and used; their affine parameters still train).
+
+    Ctrl-C: `stop` (a GracefulStop) is checked before each batch, and a batch's optimiser step and bookkeeping run as
+    one critical block; a KeyboardInterrupt raised inside a batch before its step undoes what the batch changed
+    (UndoPoint), so `state` and the model are always those before the batch: a resumed epoch is bit-identical.
     """
     model.train()
     if freeze_bn:
@@ -133,47 +168,71 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     start, seen_before = time.perf_counter(), state.seen
     bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, disable=not progress, dynamic_ncols=True,
                initial=state.step, total=state.step + len(loader))
+    undo = UndoPoint(model, device)
     for batch in bar:
+        if stop is not None:
+            stop.check()
         images, targets, indices, bad = _split_batch(batch)
-        if bad_images is not None:
-            bad_images.extend(bad)
+        loss = None
         if images.shape[0] > 0:
-            x = preprocess(images, flips[indices] if flips is not None else None)
-            targets = targets.to(device, non_blocking=True)
-            with preprocess.precision.autocast(device):
-                logits = model(x)  # (B, C)
-            loss = criterion(logits.float(), targets)
+            undo.mark()
+            try:
+                loss = _forward_backward(model, criterion, optimizer, preprocess, scaler, images, targets,
+                                         flips[indices] if flips is not None else None, device)
+            except KeyboardInterrupt:
+                undo.undo()
+                raise
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"The training loss became {loss.item()} at epoch {epoch + 1}, batch {state.step + 1}; the last "
                     f"good checkpoint is kept. Lower --learning-rate, or check the data and the loss settings.")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            # Accumulate the batch's summed loss, whatever the reduction, to report a per-image mean.
-            state.loss_sum += loss.item() * reduction_factor(criterion.reduction, *targets.shape)
-            state.seen += images.shape[0]
+        with stop.critical() if stop is not None else nullcontext():
+            if loss is not None:
+                _optimiser_step(optimizer, scaler)
+                if ema is not None:
+                    ema.update_parameters(model)
+                # Accumulate the batch's summed loss, whatever the reduction, to report a per-image mean.
+                state.loss_sum += loss.item() * reduction_factor(criterion.reduction, *targets.shape)
+                state.seen += images.shape[0]
+            if bad_images is not None:
+                bad_images.extend(bad)
+            # The schedule advances once per batch even for an all-bad batch, so its length stays as planned.
+            if scheduler is not None:
+                scheduler.step()
+            state.step += 1
+        if state.seen:
             bar.set_postfix(loss=f"{state.loss_sum / state.seen:.4f}")
-        # The schedule advances once per batch even for an all-bad batch, so its length stays as planned.
-        if scheduler is not None:
-            scheduler.step()
-        state.step += 1
     elapsed = time.perf_counter() - start
     return {"train/loss": state.loss_sum / max(state.seen, 1),
             "train/images_per_s": (state.seen - seen_before) / max(elapsed, 1e-9),
             "lr": optimizer.param_groups[0]["lr"]}
 
 
+def _forward_backward(model, criterion, optimizer, preprocess, scaler, images, targets, flips, device) -> torch.Tensor:
+    """One batch's loss (a 0-d float32 tensor), its gradients left in the parameters (scaled under fp16)."""
+    x = preprocess(images, flips)
+    targets = targets.to(device, non_blocking=True)
+    with preprocess.precision.autocast(device):
+        logits = model(x)  # (B, C)
+    loss = criterion(logits.float(), targets)
+    if torch.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    return loss
+
+
+def _optimiser_step(optimizer, scaler) -> None:
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 @torch.no_grad()
 def predict(model: nn.Module, loader, device: torch.device, preprocess: BatchPreprocessor, *,
-            desc: str = "predict", progress: bool = True, flips: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+            desc: str = "predict", progress: bool = True, flips: torch.Tensor | None = None,
+            stop: GracefulStop | None = None, source: str = "The model") -> dict[str, torch.Tensor]:
     """Run `model` over `loader`; returns {'logits': (N, C), 'probs': (N, C), 'targets': (N, C), 'indices': (N,)} on CPU, float32.
 
     Rows are in dataset-index order, one per sample; under torchrun every rank's rows are gathered (each rank
@@ -184,6 +243,8 @@ def predict(model: nn.Module, loader, device: torch.device, preprocess: BatchPre
     model.eval()
     logits, targets, indices, bad = [], [], [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        if stop is not None:
+            stop.check()
         images, target, index, bad_here = _split_batch(batch)
         bad.extend(bad_here)
         if images.shape[0] == 0:
@@ -201,17 +262,22 @@ def predict(model: nn.Module, loader, device: torch.device, preprocess: BatchPre
         "bad": torch.tensor(bad, dtype=torch.long)})
     if out["logits"].shape[0] == 0:
         raise UserError("No readable images were left to evaluate; check the images of this split.")
+    bad_rows = ~torch.isfinite(out["logits"]).all(dim=1)  # (N,)
+    if bool(bad_rows.any()):
+        raise NonFiniteOutputError(f"{source} gives non-finite scores (NaN or inf) for {int(bad_rows.sum())} of "
+                                   f"{len(bad_rows)} images of {desc}; its weights may be damaged (train again, or "
+                                   f"resume from an earlier last.pth).")
     out["probs"] = torch.sigmoid(out["logits"])
     return out
 
 
 def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.device, preprocess: BatchPreprocessor, *,
              thresholds: float | torch.Tensor = 0.5, prefix: str = "val", progress: bool = True,
-             strict: bool = False, epsilon: float = 0.0) -> dict[str, float]:
+             strict: bool = False, epsilon: float = 0.0, stop: GracefulStop | None = None) -> dict[str, float]:
     """Loss per image and the metrics of metrics.compute_metrics (`strict`, `epsilon` as there) on `loader`, keys
-    prefixed with `prefix/`."""
+    prefixed with `prefix/`; `stop` as in `predict`."""
     start = time.perf_counter()
-    out = predict(model, loader, device, preprocess, desc=prefix, progress=progress)
+    out = predict(model, loader, device, preprocess, desc=prefix, progress=progress, stop=stop)
     n = out["targets"].shape[0]
     loss = criterion(out["logits"], out["targets"]).item()
     # Report the loss per image whatever the criterion's reduction, so runs with other batch sizes compare.

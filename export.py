@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from distributed import World
-from utils import UserError, atomic_write_bytes
+from utils import UserError, atomic_write_bytes, check_writable, first_sentence
 
 TOLERANCE = 1e-4  # max |p_onnx - p_torch| accepted on the check batch
 OPSET = 17
@@ -86,6 +86,11 @@ def export_onnx(model: nn.Module, mean, std, image_size: int, vocabulary: list[s
     with torch.no_grad():
         expected = annotator(check_images).numpy()  # (B, C)
     got = OnnxAnnotator(data).probabilities(check_images.numpy())
+    if not (np.isfinite(expected).all() and np.isfinite(got).all()):
+        raise ExportError(f"The model gives non-finite probabilities (NaN or inf) on the check images (PyTorch: "
+                          f"{int((~np.isfinite(expected)).any(1).sum())}, ONNX Runtime: "
+                          f"{int((~np.isfinite(got)).any(1).sum())} of {len(got)}); its weights may be damaged. The "
+                          f"file was not written.")
     difference = float(np.abs(got - expected).max())
     if not difference < TOLERANCE:
         raise ExportError(f"ONNX Runtime's probabilities differ from PyTorch's by {difference:.2e} (>= {TOLERANCE:g}) "
@@ -108,7 +113,7 @@ class OnnxAnnotator:
             self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - any failure to open the file becomes one sentence
             raise ExportError(f"'{source if not isinstance(source, bytes) else 'the exported model'}' cannot be "
-                              f"opened by ONNX Runtime ({type(e).__name__}: {str(e).splitlines()[0][:150]}).") from None
+                              f"opened by ONNX Runtime ({type(e).__name__}: {first_sentence(e)}).") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if "vocabulary" not in meta:
             raise ExportError("This ONNX file was not exported by this repository (no vocabulary in its metadata); "
@@ -131,6 +136,8 @@ def export_run(run_dir: Path, output: Path | None = None, data: str | None = Non
     from components import eval_loader, load_data
     from runs import load_run, load_thresholds, run_data, run_normalisation
 
+    path = output if output else run_dir / "model.onnx"
+    check_writable(path.parent, "give --output a place you can write to")
     model, ckpt, config = load_run(run_dir, model_name, torch.device("cpu"))
     fitted = load_thresholds(run_dir, ckpt)
     if fitted is None:
@@ -141,7 +148,6 @@ def export_run(run_dir: Path, output: Path | None = None, data: str | None = Non
     loader = eval_loader(splits.test, config["image_size"], 16, 0, World(), torch.device("cpu"), True)
     images, _, _, ok = next(iter(loader))
     stats = run_normalisation(model, ckpt)
-    path = output if output else run_dir / "model.onnx"
     done = export_onnx(model, stats["mean"], stats["std"], config["image_size"], ckpt["vocabulary"],
                        fitted["thresholds"], fitted["compare"], images[ok], path)
     print(f"Wrote {path}: ONNX Runtime and PyTorch agree to {done['max_abs_difference']:.1e} on "

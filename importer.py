@@ -28,6 +28,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +37,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils import DefaultsHelpFormatter, UserError, atomic_write_bytes, atomic_write_json, images_under
+from dataset import image_problem
+from utils import (ArgumentParser, DefaultsHelpFormatter, UserError, atomic_write_bytes, atomic_write_json, check_writable,
+                   images_under)
 
-DEFAULT_SEPARATOR = r"[\s,;]+"
+DEFAULT_SEPARATOR = re.compile(r"[\s,;]+")  # without --label-separator: any run of spaces, commas or semicolons
+# Strings that, inside a label, suggest the cell was separated by something other than the separator in use.
+SEPARATOR_LOOKALIKES = ("|", "/", ";", ",", " - ")
 FIRST_FEW = 5
 
 
@@ -48,8 +53,10 @@ class ImportDataError(UserError, ValueError):
 
 def flat_name(relative: str) -> str:
     """The image's name in the dataset: its relative path with sub-folders joined by '__' (cat/001.jpg ->
-    cat__001.jpg), so that images/ is one flat folder and files of the same name in two folders stay apart."""
-    return relative.strip().replace("\\", "/").strip("/").replace("/", "__")
+    cat__001.jpg), so that images/ is one flat folder and files of the same name in two folders stay apart. '.' and
+    '..' steps are dropped and the name never starts with a dot (`ls` would hide it): ../album/x.jpg -> album__x.jpg."""
+    parts = [p for p in relative.strip().replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    return "__".join(parts).lstrip(".") or "image"
 
 
 @dataclass
@@ -68,9 +75,29 @@ def _first_few(items) -> str:
     return ", ".join(map(str, items[:FIRST_FEW])) + (" ..." if len(items) > FIRST_FEW else "")
 
 
-def split_labels(text: str, separator: str) -> list[str]:
-    """The labels of one field, in order, without empty pieces or repeats."""
-    return list(dict.fromkeys(label.strip() for label in re.split(separator, text or "") if label.strip()))
+def split_labels(text: str, separator: str | None) -> list[str]:
+    """The labels of one field, in order, without empty pieces or repeats: split at `separator` taken literally
+    (--label-separator), or at any run of spaces, commas or semicolons when None."""
+    pieces = DEFAULT_SEPARATOR.split(text or "") if separator is None else (text or "").split(separator)
+    return list(dict.fromkeys(label.strip() for label in pieces if label.strip()))
+
+
+def check_separators(records: list[Record], separator: str | None, literal: bool) -> None:
+    """Refuse labels that look like several labels run together ('sky|water', 'sky/sand', 'a - b', a lone '-' or
+    '|'), naming the separator that would split them, unless --literal-labels says they are meant whole."""
+    if literal:
+        return
+    covered = DEFAULT_SEPARATOR.pattern if separator is None else separator
+    lookalikes = [s for s in SEPARATOR_LOOKALIKES if not (separator is None and s in ";,") and s.strip() not in covered]
+    in_use = repr(separator) if separator is not None else "any run of spaces, commas or semicolons"
+    for record in records:
+        for label in record.labels:
+            found = next((s for s in lookalikes if s in label or (label == "-" and s == " - ")), None)
+            if found is not None:
+                raise ImportDataError(
+                    f"The label '{label}' of {record.name} looks like labels separated by '{found.strip()}', but "
+                    f"the separator in use is {in_use}; pass --label-separator '{found.strip()}', or "
+                    f"--literal-labels to keep such labels whole.")
 
 
 # ---------------------------------------------------------------- the three kinds of source
@@ -147,21 +174,22 @@ def detect_format(source: Path) -> str:
 
 def check_images(records: list[Record], skip_bad: bool, progress: bool) -> list[Record]:
     """Every image opens and decodes; the missing or unreadable ones are an error, or dropped with --skip-bad-images."""
-    bad = []
+    bad = {}
     for record in tqdm(records, desc="checking images", unit="img", disable=not progress, dynamic_ncols=True):
         try:
-            with Image.open(record.path) as im:
-                im.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            bad.append(record)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # big, but within PIL's limit
+                with Image.open(record.path) as im:
+                    im.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            bad[record.name] = image_problem(e)
+    listed = _first_few(f"{name} ({why})" for name, why in bad.items())
     if bad and not skip_bad:
-        raise ImportDataError(f"{len(bad)} of {len(records)} images are missing or unreadable "
-                              f"({_first_few(r.name for r in bad)}); fix them, or pass --skip-bad-images to leave them "
-                              f"out.")
+        raise ImportDataError(f"{len(bad)} of {len(records)} images are missing or unreadable: {listed}; fix them, or "
+                              f"pass --skip-bad-images to leave them out.")
     if bad:
-        print(f"Left out {len(bad)} missing or unreadable images (--skip-bad-images): "
-              f"{_first_few(r.name for r in bad)}")
-    return [r for r in records if r not in bad]
+        print(f"Left out {len(bad)} missing or unreadable images (--skip-bad-images): {listed}")
+    return [r for r in records if r.name not in bad]
 
 
 def check_names(records: list[Record]) -> None:
@@ -184,8 +212,10 @@ def merge_label_variants(records: list[Record], merge: bool) -> list[Record]:
     variants = {k: v for k, v in spellings.items() if len(v) > 1}
     if variants and not merge:
         examples = "; ".join(" / ".join(f"'{s}'" for s in v) for v in list(variants.values())[:FIRST_FEW])
-        raise ImportDataError(f"{len(variants)} labels are spelled in more than one way ({examples}); pass "
-                              f"--merge-case to merge each into its most frequent spelling, or fix the source.")
+        shown = f"the first {FIRST_FEW}: " if len(variants) > FIRST_FEW else ""
+        raise ImportDataError(f"{len(variants)} label{'s are' if len(variants) > 1 else ' is'} spelled in more than "
+                              f"one way ({shown}{examples}); pass --merge-case to merge each into its most frequent "
+                              f"spelling, or fix the source.")
     canonical = {label: counts.most_common(1)[0][0] for counts in spellings.values() for label in counts}
     for record in records:
         record.labels = list(dict.fromkeys(canonical[label] for label in record.labels))
@@ -283,15 +313,26 @@ def _place(record: Record, images: Path, copy: bool) -> None:
         os.symlink(record.path.resolve(), target)
 
 
+def check_out(out: Path) -> None:
+    """OUT must be a new or empty folder in a place this process can write to (checked before any work)."""
+    if out.exists() and not out.is_dir():
+        raise ImportDataError(f"OUT '{out}' is a file; give a new folder (nothing was written).")
+    if out.exists() and any(out.iterdir()):
+        raise ImportDataError(f"OUT '{out}' exists and is not empty; give a new folder (nothing was written).")
+    check_writable(out.parent, "give OUT a place you can write to (nothing was written)")
+
+
 def write_dataset(out: Path, records: list[Record], splits: list[str], vocabulary: list[str], copy: bool,
                   summary: dict, figure: bytes) -> None:
     """OUT/{train,test}.json, images/, summary.json and labels.png, built in a temporary folder beside OUT and renamed
     into place only when complete."""
-    if out.exists() and any(out.iterdir()):
-        raise ImportDataError(f"OUT '{out}' exists and is not empty; give a new folder (nothing was written).")
+    check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o777 & ~umask)  # mkdtemp makes it private (0700); the dataset is an ordinary folder
         for record in records:
             _place(record, temporary / "images", copy)
         for name in ("train", "test"):
@@ -315,7 +356,8 @@ def summarise(records: list[Record], splits: list[str], vocabulary: list[str]) -
     stats = {**label_statistics(samples, vocabulary, "the import"), "split": "train and test"}
     counts = {vocabulary[j]: int(stats["counts"][j]) for j in stats["order"].tolist()}
     summary = {"images": len(records), "train": splits.count("train"), "test": splits.count("test"),
-               "labels": len(vocabulary), "labels_per_image": float(stats["labels_per_image"].float().mean()),
+               "labels": len(vocabulary),
+               "labels_per_image": round(float(stats["labels_per_image"].double().mean()), 4),
                "label_counts": counts, "one_sided_labels": one_sided_labels(records, splits)}
     return summary, draw_labels(stats, "imported dataset", top=max(1, min(10, len(vocabulary) // 2)))
 
@@ -335,7 +377,7 @@ def print_summary(summary: dict, out: Path) -> None:
 # ---------------------------------------------------------------- command line
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python importer.py", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python importer.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("source", metavar="SOURCE", help="a CSV/TSV file, or a folder of images")
     parser.add_argument("out", metavar="OUT", help="the dataset folder to create (new or empty)")
@@ -345,7 +387,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split-column", default=None, help="csv: a column of train/test (default: split here)")
     parser.add_argument("--delimiter", default=None,
                         help="csv: the field delimiter (default: tab for .tsv, else comma)")
-    parser.add_argument("--label-separator", default=DEFAULT_SEPARATOR, help="regular expression between labels")
+    parser.add_argument("--label-separator", default=None,
+                        help="the text between labels, taken literally (e.g. '|' or ', '); default: any run of "
+                             "spaces, commas or semicolons")
+    parser.add_argument("--literal-labels", action="store_true",
+                        help="keep labels that contain |, /, ;, ',' or ' - ' whole (refused otherwise: they usually "
+                             "mean the cells are separated by something else than the separator in use)")
     parser.add_argument("--images-root", default=None, help="csv: the folder image paths are relative to "
                         "(default: the file's folder)")
     parser.add_argument("--test-size", type=float, default=0.2,
@@ -364,10 +411,16 @@ def run(args: argparse.Namespace) -> dict:
     """Read, check, split and write; returns the summary."""
     if not 0 < args.test_size < 1:
         raise ImportDataError(f"--test-size must be a fraction in (0, 1) (got {args.test_size}).")
+    if args.label_separator is not None and not args.label_separator.strip():
+        raise ImportDataError("--label-separator cannot be empty or blank; leave it out to split at any run of spaces, "
+                              "commas or semicolons.")
     source, out = Path(args.source), Path(args.out)
+    check_out(out)
     records = SOURCES[detect_format(source) if args.format == "auto" else args.format](source, args)
-    if not records:
-        raise ImportDataError(f"'{source}' holds no images; nothing to import.")
+    if len(records) < 2:
+        raise ImportDataError(f"'{source}' holds {len(records)} image{'s' * (len(records) != 1)}; a dataset needs at "
+                              f"least 2 (one to train on, one to test).")
+    check_separators(records, args.label_separator, args.literal_labels)
     check_names(records)
     records = check_images(records, args.skip_bad_images, args.progress)
     records = apply_label_rules(merge_label_variants(records, args.merge_case), args.min_label_count, args.drop_empty)
@@ -386,6 +439,10 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing was written ({args.out} was not created); run the same command again.",
+              file=sys.stderr)
+        return 130
     return 0
 
 

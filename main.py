@@ -25,7 +25,7 @@ from models import DEFAULT_MODEL, MODELS, STRIDE
 from recipes import EVALUATION_KEYS, RECIPES, recipe_problems, resolve
 from runs import run_directory
 from thresholds import THRESHOLD_METHODS
-from utils import DefaultsHelpFormatter, UserError
+from utils import ArgumentParser, DefaultsHelpFormatter, Interrupted, UserError, check_writable
 
 BOOL = argparse.BooleanOptionalAction  # --x / --no-x, None when neither is given (the recipe decides)
 # The modes besides training, one per command; each names the flags it reads (the others must keep their defaults).
@@ -36,14 +36,14 @@ MODE_FLAGS = {
     "resume": ("resume", *RUNTIME_KEYS),
     "evaluate": ("evaluate", *FIND_RUN, *RUNTIME, *EVALUATION_KEYS, "threshold_method", "threshold_grid",
                  "threshold_min_positives", "threshold_shrinkage", "folds", "top_k"),
-    "predict": ("predict", *FIND_RUN, *RUNTIME, "output", "top_k", "min_score"),
+    "predict": ("predict", *FIND_RUN, *RUNTIME, "output", "top_k", "min_score", "overwrite"),
     "export": ("export", *FIND_RUN, "output"),
     "compare": ("compare",),
 }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Multi-label automatic image annotation: train, --evaluate, --predict, --compare.",
         formatter_class=DefaultsHelpFormatter,
         epilog="Plots: python main.py --plot {gradients,labels,curves,per-label} ... (see analysis.py).")
@@ -211,6 +211,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="annotate one image or a folder of images (--checkpoint: a run directory or an exported .onnx)")
     g.add_argument("--output", default=None, metavar="PATH", help="--predict: output prefix for .csv/.json "
                    "(default: <run>/predictions)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="--predict: replace a finished output of an earlier --predict (refused otherwise)")
     g.add_argument("--min-score", type=float, default=None, metavar="S",
                    help="--predict: only labels scoring at least S (with --top-k: at most K labels, none below S)")
     g.add_argument("--compare", default=None, nargs="+", metavar="RUN_DIR", help="one markdown table of several runs")
@@ -222,6 +224,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a Ctrl-C outside the steps that save their own progress leaves behind (training saves last.pth at its next
+# batch, --predict keeps its rows: they say so themselves).
+INTERRUPTED = {
+    "train": "before the first training step; no checkpoint was saved (a finished decoded-image cache is kept); run "
+             "the same command again",
+    "resume": "before the first training step; the run's last.pth is as it was; run the same command again",
+    "evaluate": "nothing was written (finished cross-fitting folds are kept and reused); run the same command again",
+    "predict": "before the first image was tagged; nothing was written",
+    "export": "nothing was written",
+    "compare": "nothing was written",
+}
 # flag -> (what it must be, test); a flag left None (the recipe's or the model's own value) is not checked.
 RANGES = {
     "batch_size": ("at least 1", lambda v: v >= 1),
@@ -243,6 +256,7 @@ RANGES = {
     "threshold_shrinkage": ("a number >= 0", lambda v: 0 <= v < math.inf),
     "top_k": ("at least 1", lambda v: v >= 1),
     "min_score": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
+    "threshold_grid": ("probabilities strictly between 0 and 1", lambda v: all(0 < t < 1 for t in v)),
 }
 
 
@@ -266,6 +280,10 @@ def mode_problems(args: argparse.Namespace, mode: str) -> list[str]:
     if mode == "train":
         return [f"{names} {'does' if len(stray) == 1 else 'do'} not apply to training (only to --evaluate, "
                 f"--predict or --export of a trained run)"]
+    if mode == "resume":
+        return [f"{names} {'does' if len(stray) == 1 else 'do'} not apply to --resume: a resumed run continues "
+                f"exactly as configured (its learning-rate schedule was laid out for its own --epochs); train a new "
+                f"run to change them"]
     return [f"{names} {'does' if len(stray) == 1 else 'do'} not apply to --{mode} (a run keeps the settings it "
             f"was trained with; train a new run to change them)"]
 
@@ -310,19 +328,14 @@ def main(args: argparse.Namespace):
         # The defaults that stay None for the run modes, then the recipe's value of every recipe flag left unset.
         flags = {**vars(args), "model": args.model or DEFAULT_MODEL, "data": args.data or DEFAULT_DATA}
         return train({**resolve(training_config(flags)), "progress": args.progress, "resume": None})
-    checkpoint = Path(args.checkpoint) if args.checkpoint else None
-    if mode == "predict" and checkpoint and checkpoint.suffix == ".onnx":
-        from predict import predict_paths
-
-        return predict_paths(Path(args.predict), checkpoint, runtime_of(args), args.output and Path(args.output),
-                             args.top_k, args.min_score)
-    run_dir = run_directory(args.checkpoint, args.save_dir, args.model or DEFAULT_MODEL, args.loss_function,
-                            args.data or DEFAULT_DATA)
-    if mode == "predict":
+    onnx = mode == "predict" and args.checkpoint and Path(args.checkpoint).suffix == ".onnx"
+    run_dir = Path(args.checkpoint) if onnx else run_directory(
+        args.checkpoint, args.save_dir, args.model or DEFAULT_MODEL, args.loss_function, args.data or DEFAULT_DATA)
+    if mode == "predict":  # with a run directory or an exported .onnx file
         from predict import predict_paths
 
         return predict_paths(Path(args.predict), run_dir, runtime_of(args), args.output and Path(args.output),
-                             args.top_k, args.min_score, args.model)
+                             args.top_k, args.min_score, args.model, args.overwrite)
     if mode == "export":
         from export import export_run
 
@@ -341,6 +354,8 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> dict:
         args.threshold_method, tuple(args.threshold_grid) if args.threshold_grid else None,
         args.threshold_min_positives, args.threshold_shrinkage, args.folds, args.top_k or EvaluationOptions.top_k,
         {key: getattr(args, key) for key in EVALUATION_KEYS})
+    check_writable(run_dir, "--evaluate writes its report into the run directory: make it writable, or copy the run "
+                            "to a place you can write to")
     evaluation = evaluate_run(run_dir, options, runtime_of(args), args.data, args.model, train)
     if is_main_process():
         write_report(evaluation)
@@ -358,6 +373,12 @@ def cli(argv=None) -> None:
     args = get_args_parser().parse_args(argv)
     try:
         main(args)
+    except KeyboardInterrupt:
+        print(f"interrupted: {INTERRUPTED[mode_of(args)]}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        raise SystemExit(130) from None
     except UserError as e:
         message = str(e)
         if "Original Traceback" in message:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from heads import build_head
-from utils import UserError
+from utils import UserError, first_sentence
 from weights import PACKAGED_WEIGHTS, backbone_state_dict, packaged_state_dict
 
 # CLI name -> timm model name. The four backbones of the study, plus small CPU-friendly ones for demos and tests.
@@ -71,7 +71,7 @@ class AnnotationModel(nn.Module):
 
 
 def _offline_message(name: str, error: Exception) -> str:
-    return (f"Could not fetch ImageNet weights for {name} ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
+    return (f"Could not fetch ImageNet weights for {name} ({type(error).__name__}: {first_sentence(error, 120)}); "
             f"pass --no-pretrained to train from scratch, or --weights PATH to load a local weight file.")
 
 

@@ -19,10 +19,10 @@ import torch
 from tqdm import tqdm
 
 from config import Runtime
-from dataset import AnnotationDataset, Split, make_loader
+from dataset import AnnotationDataset, BadImageError, Split, load_image, make_loader
 from distributed import get_device
 from metrics import top_k
-from utils import IMAGE_SUFFIXES, UserError, atomic_write_json, images_under
+from utils import IMAGE_SUFFIXES, Interrupted, UserError, atomic_write_json, check_writable, images_under
 
 HEADER = ["image", "labels", "scores"]
 
@@ -132,16 +132,22 @@ def _append(table, rows: list[dict]) -> None:
 
 
 def _tag(todo: list[Path], predictor: Predictor, runtime: Runtime, top_k: int | None, min_score: float | None,
-         table) -> tuple[list[dict], list[str]]:
-    """Annotate `todo` batch by batch, appending each batch's rows to `table`; returns (rows, unreadable files)."""
+         table, rows: list[dict], bad: list[str]) -> None:
+    """Annotate `todo` batch by batch, appending each batch's rows to `table` and to `rows`, unreadable files to
+    `bad` (so that an interruption knows how far it got). Non-finite scores are an error naming the source."""
     split = Split("predict", [str(f) for f in todo], todo, torch.zeros(len(todo), len(predictor.vocabulary)))
     loader = make_loader(AnnotationDataset(split, predictor.image_size, skip_bad_images=True), runtime.batch_size,
                          runtime.num_workers, shuffle=False)
-    rows, bad = [], []
     bar = tqdm(total=len(todo), desc="annotating", unit="img", disable=not runtime.progress, dynamic_ncols=True)
     for images, _, indices, ok in loader:
         bad += [str(todo[i]) for i in indices[~ok].tolist()]
         probs = predictor.score(images[ok]) if bool(ok.any()) else torch.empty(0, len(predictor.vocabulary))
+        finite = torch.isfinite(probs).all(dim=1)  # (B,)
+        if not bool(finite.all()):
+            names = [todo[i].name for i in indices[ok][~finite].tolist()]
+            raise UserError(f"'{predictor.source}' gives non-finite scores (NaN or inf) for {len(names)} of "
+                            f"{len(probs)} images of a batch ({', '.join(names[:3])}); the model file may be damaged: "
+                            f"export or train it again. Nothing of that batch was written.")
         batch = [{"image": str(todo[i]), "labels": annotate(p, predictor.thresholds, predictor.vocabulary,
                                                             predictor.compare == "gt", top_k, min_score)}
                  for i, p in zip(indices[ok].tolist(), probs)]
@@ -152,33 +158,67 @@ def _tag(todo: list[Path], predictor: Predictor, runtime: Runtime, top_k: int | 
             for row in batch:
                 print(f"{row['image']}  " + " ".join(f"{x['label']}:{x['score']:.3f}" for x in row["labels"]), flush=True)
     bar.close()
-    return rows, bad
+
+
+def unreadable_reason(path: Path) -> str:
+    """Why `path` could not be tagged, in a few words."""
+    try:
+        load_image(path, 8)
+    except BadImageError as e:
+        return e.reason
+    return "unreadable"
+
+
+def check_output(prefix: Path, overwrite: bool) -> None:
+    """The output may be written: its folder is writable, and it is not a finished --predict (unless `overwrite`:
+    then that one is removed first). An unfinished one (with <output>.partial.json) is continued by the caller."""
+    check_writable(prefix.parent, "give --output a place you can write to")
+    finished = prefix.with_suffix(".json")
+    if finished.exists() and not prefix.with_suffix(".partial.json").exists():
+        if not overwrite:
+            raise UserError(f"'{finished}' is a finished --predict output; give another --output, or add --overwrite "
+                            f"to replace it.")
+        for suffix in (".json", ".csv"):
+            prefix.with_suffix(suffix).unlink(missing_ok=True)
 
 
 def predict_paths(path: Path, source: Path, runtime: Runtime, output: Path | None = None, top_k: int | None = None,
-                  min_score: float | None = None, model_name: str | None = None) -> list[dict]:
+                  min_score: float | None = None, model_name: str | None = None, overwrite: bool = False) -> list[dict]:
     """Annotate the image or folder `path` with `source`, a run directory or an exported .onnx file (`model_name`:
     --model, which a run must match); writes <output>.csv (as it goes) and <output>.json, output defaulting to
-    beside the source; returns the rows in file order."""
+    beside the source; returns the rows in file order. An interrupted output is continued, a finished one is never
+    replaced unless `overwrite`."""
     files = image_files(path)
     predictor = onnx_predictor(source) if source.suffix == ".onnx" else run_predictor(source, model_name, runtime)
     prefix = output if output else predictor.default_output
+    check_output(prefix, overwrite)
     options = _options(predictor, top_k, min_score)
     done = resume_rows(prefix, options)
     todo = [f for f in files if str(f) not in done]
     if done:
         print(f"Resuming: {len(done)} of {len(files)} images are already in {prefix.with_suffix('.csv')}.", flush=True)
     atomic_write_json(prefix.with_suffix(".partial.json"), options)
-    with prefix.with_suffix(".csv").open("a" if done else "w", newline="") as table:
-        if not done:
-            csv.writer(table).writerow(HEADER)
-        rows, bad = _tag(todo, predictor, runtime, top_k, min_score, table)
+    rows, bad = [], []
+    try:
+        with prefix.with_suffix(".csv").open("a" if done else "w", newline="") as table:
+            if not done:
+                csv.writer(table).writerow(HEADER)
+            _tag(todo, predictor, runtime, top_k, min_score, table, rows, bad)
+    except KeyboardInterrupt:
+        kept = max(prefix.with_suffix(".csv").read_text().count("\n") - 1, 0)  # complete lines under the header
+        raise Interrupted(f"{kept} of {len(files)} images are tagged in {prefix.with_suffix('.csv')}; run the same "
+                          f"command again to continue with the rest.") from None
+    except UserError:
+        if not (done or rows):  # failed before a row was kept: leave no output behind
+            for suffix in (".csv", ".partial.json"):
+                prefix.with_suffix(suffix).unlink(missing_ok=True)
+        raise
     by_image = {**done, **{r["image"]: r for r in rows}}
     ordered = [by_image[str(f)] for f in files if str(f) in by_image]
     atomic_write_json(prefix.with_suffix(".json"), ordered)
     prefix.with_suffix(".partial.json").unlink()
     for name in bad:
-        print(f"{name}  (unreadable, skipped)", flush=True)
+        print(f"{name}  (unreadable, skipped: {unreadable_reason(Path(name))})", flush=True)
     print(f"Annotated {len(ordered)} images ({len(bad)} unreadable, skipped); wrote {prefix.with_suffix('.csv')} and "
           f"{prefix.with_suffix('.json')}", flush=True)
     return ordered

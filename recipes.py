@@ -129,12 +129,14 @@ def describe(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     eps = ("not applicable" if config["loss_eps"] is None else
            "exact log-sigmoid" if config["loss_eps"] == 0 else f"log(max(p, {config['loss_eps']:g}))")
     flips = " and ".join(n for n, on in (("horizontal", config["flip"]), ("vertical", config["vertical_flip"])) if on)
+    weights_tag = (f"none (--weights {config['weights']})" if config.get("weights") else
+                   str(config["weights_tag"]) if config.get("pretrained", True) else "none (--no-pretrained)")
     return [("recipe", config["recipe"]),
             ("loss reduction", f"{reduction} ({loss}, --loss-reduction {config['loss_reduction']})"),
             ("focusing weights", focusing), ("log of probabilities", eps),
             ("flips", flips or "none"), ("normalisation", " ".join(map(str, config["normalise"]))),
             ("schedule", f"OneCycleLR over {config['schedule_epochs']:g} epochs, trained {config['epochs']}"),
-            ("weights tag", str(config["weights_tag"])),
+            ("weights tag", weights_tag),
             ("data order", f"seed {config['seed']}, {'shuffled once (scikit-learn, random_state 0), ' if config['shuffle_once'] else ''}"
                            f"last partial batch {'dropped' if config['drop_last'] else 'kept'}"),
             ("thresholds", f"fitted on {config['threshold_split']} ({config['threshold_transform']} transform), "

@@ -54,7 +54,11 @@ def make_run_dir(save_dir: str | Path, model: str, loss: str, data: str, run_nam
     if path.exists() and any(path.iterdir()):
         raise CheckpointError(f"Run directory '{path}' already exists; pick another --run-name, resume it with "
                               f"--resume {path}, or delete it.")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"Cannot create the run directory '{path}' ({e.strerror or e}); give --save-dir a "
+                              f"folder you can write to.") from None
     return path
 
 
@@ -169,7 +173,7 @@ def predict_split(model, split: Split, config: Mapping[str, Any], runtime: Runti
     loader = eval_loader(split, config["image_size"], runtime.batch_size, runtime.num_workers, world, device,
                          skip_bad_images(runtime, config))
     out = predict(model, loader, device, preprocess, desc=split.name, progress=runtime.progress and world.is_main,
-                  flips=flips)
+                  flips=flips, source=f"The model of {config.get('run_dir') or 'the run'}")
     return {"probs": out["probs"], "targets": out["targets"], "indices": out["indices"], "bad": out["bad"]}
 
 

@@ -38,7 +38,7 @@ from image_cache import build_cache, channel_statistics
 from models import AnnotationModel, count_trainable_parameters, normalisation
 from recipes import describe
 from runs import data_records, load_config, make_run_dir, save_config
-from utils import seed_everything
+from utils import GracefulStop, Interrupted, UserError, check_writable, seed_everything
 
 
 def resume_config(run_dir: str | Path, runtime: Mapping[str, Any]) -> dict:
@@ -200,6 +200,7 @@ class RunState:
     progress: EpochProgress = field(default_factory=EpochProgress)
     best: float = -1.0
     best_epoch: int = 0
+    new_save_dir: bool = False  # this run created --save-dir (removed again if it fails before its first checkpoint)
 
 
 def snapshot(parts: Parts, state: RunState, config: Mapping[str, Any], vocabulary: list[str],
@@ -214,7 +215,7 @@ def snapshot(parts: Parts, state: RunState, config: Mapping[str, Any], vocabular
 def start_run(config: Mapping[str, Any], data: DatasetSplits, world: World) -> tuple[dict, RunState]:
     """A fresh run directory (rank 0 creates it and writes config.json: the training keys, where the dataset is and
     when training started); returns (config with run_dir, state)."""
-    run_dir = None
+    run_dir, new_save_dir = None, not Path(config["save_dir"]).exists()
     if world.is_main:
         run_dir = make_run_dir(config["save_dir"], config["model"], config["loss_function"], config["data"],
                                config["run_name"])
@@ -223,7 +224,8 @@ def start_run(config: Mapping[str, Any], data: DatasetSplits, world: World) -> t
                                       "started": started, "world_size": world.world_size})
     run_dir = Path(broadcast_object(str(run_dir)))
     say(f"Run directory: {run_dir}")
-    return {**config, "run_dir": str(run_dir), "world_size": world.world_size}, RunState(run_dir)
+    return ({**config, "run_dir": str(run_dir), "world_size": world.world_size},
+            RunState(run_dir, new_save_dir=new_save_dir))
 
 
 def resume_run(config: Mapping[str, Any], parts: Parts, vocabulary: list[str]) -> RunState:
@@ -234,8 +236,23 @@ def resume_run(config: Mapping[str, Any], parts: Parts, vocabulary: list[str]) -
     epoch, progress, best, best_epoch = restore_training_state(
         last, parts.model, parts.optimizer, parts.scheduler, scaler=parts.scaler, ema=parts.ema, device=parts.device)
     state = RunState(run_dir, epoch, EpochProgress(**progress), best, best_epoch)
-    say(f"Resuming {run_dir} at epoch {state.epoch + 1}, batch {state.progress.step + 1} with its saved configuration.")
+    if state.epoch >= config["epochs"]:
+        say(f"{run_dir} has finished all its {config['epochs']} epochs; nothing is left to train.")
+    else:
+        say(f"Resuming {run_dir} at epoch {state.epoch + 1}, batch {state.progress.step + 1} with its saved "
+            f"configuration.")
     return state
+
+
+def discard_empty_run(run_dir: Path, new_save_dir: bool) -> None:
+    """Remove a new run directory that holds nothing but its config.json (training failed before its first
+    checkpoint), and --save-dir too if this run created it and it is now empty: a failed start leaves nothing."""
+    if {p.name for p in run_dir.iterdir()} <= {"config.json"}:
+        for path in run_dir.iterdir():
+            path.unlink()
+        run_dir.rmdir()
+        if new_save_dir and not any(run_dir.parent.iterdir()):
+            run_dir.parent.rmdir()
 
 
 def resume_command(run_dir: Path) -> str:
@@ -245,26 +262,19 @@ def resume_command(run_dir: Path) -> str:
 # ---------------------------------------------------------------- 5. the epoch loop
 
 def train_epoch(parts: Parts, loaders: Loaders, data: DatasetSplits, config: Mapping[str, Any], state: RunState,
-                world: World) -> dict[str, float]:
-    """Epoch `state.epoch` from where `state.progress` stands; Ctrl-C saves last.pth there and exits with 130."""
+                world: World, stop: GracefulStop) -> dict[str, float]:
+    """Epoch `state.epoch` from where `state.progress` stands (Ctrl-C: see run_epochs)."""
     epoch = state.epoch
     loaders.train.sampler.set_epoch(epoch, skip=state.progress.step * config["batch_size"])
     if loaders.augmentation is not None:
         loaders.augmentation.set_epoch(epoch)  # before the loader's iterator copies the dataset into its workers
     flips = training_flips(config, len(data.train), epoch)
     bad: list[int] = []
-    try:
-        stats = train_one_epoch(parts.forward_model, loaders.train, parts.criterion, parts.optimizer, parts.device,
-                                parts.preprocess, epoch=epoch, flips=flips, scheduler=parts.scheduler,
-                                scaler=parts.scaler, ema=parts.ema, state=state.progress,
-                                progress=config["progress"] and world.is_main, bad_images=bad,
-                                freeze_bn=config["freeze_bn"])
-    except KeyboardInterrupt:
-        if world.is_main:
-            save_checkpoint(state.run_dir / "last.pth", snapshot(parts, state, config, data.vocabulary))
-        say(f"\nInterrupted at epoch {epoch + 1}, batch {state.progress.step}; saved {state.run_dir / 'last.pth'}. "
-            f"Resume with:\n  {resume_command(state.run_dir)}")
-        raise SystemExit(130) from None
+    stats = train_one_epoch(parts.forward_model, loaders.train, parts.criterion, parts.optimizer, parts.device,
+                            parts.preprocess, epoch=epoch, flips=flips, scheduler=parts.scheduler,
+                            scaler=parts.scaler, ema=parts.ema, state=state.progress,
+                            progress=config["progress"] and world.is_main, bad_images=bad,
+                            freeze_bn=config["freeze_bn"], stop=stop)
     if bad:
         say(f"Epoch {epoch + 1}: skipped {len(bad)} unreadable training images: "
             f"{first_few([data.train.image_names[i] for i in bad])}")
@@ -276,11 +286,13 @@ def train_epoch(parts: Parts, loaders: Loaders, data: DatasetSplits, config: Map
     return stats
 
 
-def validate(parts: Parts, loader, config: Mapping[str, Any], progress: bool) -> tuple[dict[str, float], float, str]:
+def validate(parts: Parts, loader, config: Mapping[str, Any], progress: bool,
+             stop: GracefulStop | None = None) -> tuple[dict[str, float], float, str]:
     """(validation metrics, score, source): the score is the per-class F1 at 0.5 of the model or of its EMA,
     whichever is higher (`source` says which; the EMA must beat the model strictly). Predictions follow the run's
     --threshold-compare and --metric-epsilon (the study selects with p > 0.5)."""
-    rule = dict(progress=progress, strict=config["threshold_compare"] == "gt", epsilon=config["metric_epsilon"])
+    rule = dict(progress=progress, strict=config["threshold_compare"] == "gt", epsilon=config["metric_epsilon"],
+                stop=stop)
     row = evaluate(parts.forward_model, loader, parts.criterion, parts.device, parts.preprocess, **rule)
     score, source = row["val/per_class/f1"], "model"
     if parts.ema is not None:
@@ -316,27 +328,51 @@ def epoch_line(row: dict[str, float], epochs: int, improved: bool) -> str:
 
 def run_epochs(parts: Parts, loaders: Loaders, data: DatasetSplits, config: Mapping[str, Any], state: RunState,
                world: World) -> None:
-    """Train from `state` to the last epoch: train, validate, keep checkpoints and log one row per epoch."""
+    """Train from `state` to the last epoch: train, validate, keep checkpoints and log one row per epoch.
+
+    Ctrl-C stops at the next batch (or validation batch) and saves last.pth at that point (`interrupted`): a batch
+    is either done, its step included, or not begun, and the checkpoints and log of an epoch are written as one
+    block, so a resumed run is bit-identical to an uninterrupted one.
+    """
     logger = CSVLogger(state.run_dir / "log.csv")
     if world.is_main:
         logger.truncate_after(state.epoch + 1)
     progress = config["progress"] and world.is_main
-    while state.epoch < config["epochs"]:
-        start = time.perf_counter()
-        row = {"epoch": state.epoch + 1, **train_epoch(parts, loaders, data, config, state, world)}
-        metrics, score, source = validate(parts, loaders.val, config, progress)
-        row.update(metrics)
-        row["time_s"] = time.perf_counter() - start
-        state.epoch, state.progress = state.epoch + 1, EpochProgress()
-        improved = keep_checkpoints(parts, state, score, source, config, data.vocabulary, world)
-        if world.is_main:
-            logger.log(row)
-        say(epoch_line(row, config["epochs"], improved))
+    agree = (lambda flag: bool(sum_across_ranks(float(flag))[0])) if world.world_size > 1 else None
+    with GracefulStop(agree) as stop:
+        while state.epoch < config["epochs"]:
+            start = time.perf_counter()
+            try:
+                row = {"epoch": state.epoch + 1, **train_epoch(parts, loaders, data, config, state, world, stop)}
+                metrics, score, source = validate(parts, loaders.val, config, progress, stop)
+            except KeyboardInterrupt:
+                interrupted(parts, state, config, data.vocabulary, world, len(loaders.train))
+            with stop.critical():
+                row.update(metrics)
+                row["time_s"] = time.perf_counter() - start
+                state.epoch, state.progress = state.epoch + 1, EpochProgress()
+                improved = keep_checkpoints(parts, state, score, source, config, data.vocabulary, world)
+                if world.is_main:
+                    logger.log(row)
+            say(epoch_line(row, config["epochs"], improved))
+
+
+def interrupted(parts: Parts, state: RunState, config: Mapping[str, Any], vocabulary: list[str], world: World,
+                batches: int) -> None:
+    """Save last.pth where training stands and raise Interrupted, whose one line names the command that continues."""
+    if world.is_main:
+        save_checkpoint(state.run_dir / "last.pth", snapshot(parts, state, config, vocabulary))
+    where = (f"batch {state.progress.step} of {batches}" if state.progress.step < batches
+             else "after its training, before validation")
+    raise Interrupted(f"Interrupted at epoch {state.epoch + 1}, {where}: saved {state.run_dir / 'last.pth'}; continue "
+                      f"with: {resume_command(state.run_dir)}")
 
 
 def train(config: Mapping[str, Any]) -> Path:
     """Train as configured (or resume config["resume"]); returns the run directory."""
     world, device = init_distributed(get_device(config["device"]))
+    if world.is_main:
+        check_writable(config["resume"] or config["save_dir"], "give --save-dir a folder you can write to")
     precision = resolve_precision(config["amp"], config["channels_last"], device)
     data = load_data(config["data"], config, config["skip_bad_images"], world)
     if data.protocol == "study":
@@ -353,7 +389,12 @@ def train(config: Mapping[str, Any]) -> Path:
         f"{'channels_last' if precision.channels_last else 'NCHW'}); splits {data.sizes()}")
     say(f"Recipe {config['recipe']}: " + "; ".join(f"{row}: {value}" for row, value in describe(config)[1:])
         + f"; inputs normalised with mean {parts.normalisation['mean']}, std {parts.normalisation['std']}")
-    run_epochs(parts, loaders, data, config, state, world)
+    try:
+        run_epochs(parts, loaders, data, config, state, world)
+    except UserError:
+        if world.is_main and not config["resume"]:
+            discard_empty_run(state.run_dir, state.new_save_dir)
+        raise
     say(f"Best validation per-class F1 {state.best:.4f} at epoch {state.best_epoch}; checkpoints in {state.run_dir}. "
         f"Evaluate with:\n  python main.py --evaluate --checkpoint {shlex.quote(str(state.run_dir))}")
     return state.run_dir

@@ -11,7 +11,11 @@ import io
 import json
 import os
 import random
+import signal
+import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +27,67 @@ class UserError(Exception):
     """An error caused by the user's input; its message says what, where and how to fix it."""
 
 
+class WriteError(UserError, OSError):
+    """A file or folder that cannot be written where the user asked."""
+
+
+class Interrupted(UserError):
+    """Ctrl-C: its message says what was kept and the command that continues (the command line exits with 130)."""
+
+
+class GracefulStop:
+    """Ctrl-C as a request to stop at the next safe point, so that what is saved is a consistent state.
+
+    While active (a context manager; signal handlers live in the main thread only) the first SIGINT only sets
+    `requested` (and says so); `check()` raises KeyboardInterrupt at the caller's safe points. A second SIGINT raises
+    at once, except inside `critical()` (a block that must finish, such as an optimiser step's bookkeeping or
+    writing checkpoints), where it waits for the block's end. `agree(flag) -> flag` makes the decision collective
+    (under torchrun every rank must stop at the same step).
+    """
+
+    def __init__(self, agree: Callable[[bool], bool] | None = None):
+        self.requested, self.agree = False, agree or (lambda flag: flag)
+        self._critical, self._pending, self._previous = 0, False, None
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            self._pid = os.getpid()  # DataLoader workers forked meanwhile inherit the handler and ignore Ctrl-C
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            return  # a worker process: the main process decides when to stop, and stops the workers
+        if not self.requested:
+            self.requested = True
+            print("\nCtrl-C: stopping at the end of this step (press it again to stop at once).", file=sys.stderr,
+                  flush=True)
+        elif self._critical:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt here if a stop was requested (on any rank, through `agree`)."""
+        if self.agree(self.requested):
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def critical(self):
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+        if self._pending and not self._critical:
+            self._pending = False
+            raise KeyboardInterrupt
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb", durable: bool = True) -> Path:
     """Write `path` through a temporary file in the same folder, then `os.replace` it into place.
 
@@ -31,8 +96,11 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: s
     generators writing thousands of small regenerable files (the demo images) skip.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise WriteError(f"Cannot write '{path}' ({e.strerror or e}); choose a folder you can write to.") from None
     # mkstemp creates the file private (0600); give it the permissions an ordinary open() would.
     umask = os.umask(0)
     os.umask(umask)
@@ -44,11 +112,35 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: s
             if durable:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         # The temporary file is ours alone; remove it whatever stopped the write, then re-raise.
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, a folder made read-only meanwhile, a file name that is a folder
+            raise WriteError(f"Cannot write '{path}' ({e.strerror or e}); free space or choose another place.") from None
         raise
     return path
+
+
+def check_writable(folder: str | os.PathLike, fix: str) -> None:
+    """Before long work: `folder` (or, if it does not exist yet, the nearest folder above it, where it would be
+    created) must be a folder this process can write into; else one sentence ending with `fix` (what to do)."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        raise WriteError(f"'{path}' is a file where a folder is needed; {fix}.")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise WriteError(f"Cannot write into '{path}' (permission denied); {fix}.")
+
+
+def first_sentence(text, limit: int = 160) -> str:
+    """The first sentence of an error message's first line (without its full stop), cut at a word with an ellipsis
+    when still longer than `limit` characters: a reason quoted inside one of our sentences."""
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    sentence = line.split(". ", 1)[0].rstrip(".")
+    if len(sentence) <= limit:
+        return sentence
+    return sentence[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
@@ -87,6 +179,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`error: ... (see --help)`, exit status 2), as every other user error here,
+    instead of the usage block followed by the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help).\n")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

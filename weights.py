@@ -21,7 +21,7 @@ import timm
 import torch
 from torch import nn
 
-from utils import UserError, atomic_torch_save
+from utils import UserError, atomic_torch_save, first_sentence
 
 REPO_DIR = Path(__file__).resolve().parent
 CACHE_DIR = REPO_DIR / ".cache" / "weights"
@@ -100,7 +100,7 @@ def read_weight_file(path: Path) -> dict:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reading failure becomes the same one sentence
-        raise WeightsError(f"Could not read --weights '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
+        raise WeightsError(f"Could not read --weights '{path}' ({type(e).__name__}: {first_sentence(e)}); "
                            f"give a .pth, .bin or .safetensors weight file.") from None
     if not isinstance(state, dict):
         raise WeightsError(f"--weights '{path}' holds a {type(state).__name__}, not a state dict.")

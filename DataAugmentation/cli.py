@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dataset import DatasetError, read_annotations, resolve_data_root
 from distributed import World, get_device, launch_world
-from utils import DefaultsHelpFormatter, UserError
+from utils import ArgumentParser, DefaultsHelpFormatter, UserError
 
 from .files import (AUG_DIR, AUG_JSON, check_output_names, finished_images, load_real_image, save_outputs,
                     write_train_aug)
@@ -58,7 +58,7 @@ def positive_int(text: str) -> int:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m DataAugmentation",
         description="ML-WGAN-GP data augmentation: one WGAN-GP per training image, K images trained at once; "
                     "writes <root>/aug-images/ and <root>/train_aug.json (used by main.py --augmentation).",

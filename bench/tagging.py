@@ -67,7 +67,7 @@ def tagger(predictor, paths, workers, batch):
     with open(os.devnull, "w", newline="") as table, open(os.devnull, "w") as quiet:
         stdout, sys.stdout = sys.stdout, quiet  # the tagger prints a line per image without a progress bar
         try:
-            predict._tag(paths, predictor, runtime, None, None, table)
+            predict._tag(paths, predictor, runtime, None, None, table, [], [])
         finally:
             sys.stdout = stdout
 

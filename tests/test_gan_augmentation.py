@@ -354,22 +354,34 @@ def test_cli_interrupt_keeps_finished_groups(dataset, monkeypatch, capsys):
     (["--data", "{root}", "--size", "15x24"], "must both be even"),
     (["--data", "{empty}"], "No training images found"),
     (["--data", "{root}", "--device", "tpu0"], "is not a device"),
+    (["--data", "{malformed}"], "is not valid JSON"),
+    (["--data", "{root}/train.json"], "does not exist"),
 ])
 def test_cli_user_errors_are_one_sentence(dataset, tmp_path_factory, capsys, argv, message):
     empty = tmp_path_factory.mktemp("empty")
     (empty / "train.json").write_text(json.dumps({"samples": [{"image_name": "x.jpeg", "image_labels": []}],
                                                   "labels": []}))
-    argv = [a.format(missing=dataset / "nope", root=dataset, empty=empty) for a in argv]
+    malformed = tmp_path_factory.mktemp("malformed")
+    (malformed / "train.json").write_text('{"samples": [')
+    argv = [a.format(missing=dataset / "nope", root=dataset, empty=empty, malformed=malformed) for a in argv]
     device = [] if "--device" in argv else ["--device", "cpu"]
+    before = sorted(dataset.rglob("*"))
     assert cli.main([*argv, *device, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err and err.count("\n") == 1
+    assert sorted(dataset.rglob("*")) == before  # nothing written
 
 
-def test_cli_bad_flag_is_an_argparse_error(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "big"], "HEIGHTxWIDTH"), (["--iterations", "0"], "'0' is not a positive integer"),
+    (["--group-size", "two"], "'two' is not a positive integer"), (["--amp", "fp16"], "invalid choice: 'fp16'"),
+    (["--limit", "-3"], "'-3' is not a positive integer"), (["--seed", "x"], "invalid int value"),
+])
+def test_cli_bad_flag_is_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
-        cli.main(["--size", "big"])
-    assert e.value.code == 2 and "HEIGHTxWIDTH" in capsys.readouterr().err
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1 and err.startswith("error: ")
 
 
 def test_the_gan_package_does_not_depend_on_the_training_code():

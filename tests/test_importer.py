@@ -2,6 +2,7 @@
 labels on both sides and is reproducible; every bad input is one sentence, a non-zero exit and no partial dataset."""
 import json
 from collections import Counter
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -136,26 +137,115 @@ def _broken(tmp_path, case):
         rows = [r for r in rows if not r.startswith("pics/11.jpg,") or "Sky" in r]
     elif case == "empty":
         rows[3] = rows[3].split(",")[0] + ","
+    elif case in ("pipes", "slashes", "dashes"):
+        mark = {"pipes": " | ", "slashes": "/", "dashes": " - "}[case]
+        rows = [rows[0]] + [f"{r.split(',')[0]},{mark.join(r.split(',')[1].split())}" for r in rows[1:]]
+    elif case == "short row":
+        rows.append("pics/1.jpg")
+    elif case == "split values":
+        rows = ["file,tags,part"] + [f"{r},{'val' if i == 3 else 'train'}" for i, r in enumerate(rows[1:])]
     source.write_text("\n".join(rows) + "\n")
     return source
 
 
 @pytest.mark.parametrize("case, message, fix", [
-    ("missing", "1 of 13 images are missing or unreadable (pics__nope.jpg)", "--skip-bad-images"),
-    ("unreadable", "1 of 13 images are missing or unreadable (pics__bad.jpg)", "--skip-bad-images"),
+    ("missing", "1 of 13 images are missing or unreadable: pics__nope.jpg (missing);", "--skip-bad-images"),
+    ("unreadable", "1 of 13 images are missing or unreadable: pics__bad.jpg (UnidentifiedImageError: cannot identify",
+     "--skip-bad-images"),
     ("duplicate", "1 image names appear more than once (pics__0.jpg)", None),
-    ("case", "1 labels are spelled in more than one way ('sky' / 'Sky')", "--merge-case"),
+    ("case", "1 label is spelled in more than one way ('sky' / 'Sky')", "--merge-case"),
     ("empty", "1 images have no label (pics__2.jpg)", "--drop-empty"),
+    ("pipes", "looks like labels separated by '|'", ["--label-separator", "|"]),
+    ("slashes", "looks like labels separated by '/'", ["--label-separator", "/"]),
+    ("dashes", "looks like labels separated by '-'", ["--label-separator", " - "]),
+    ("short row", "line 14 has 1 fields, fewer than the header's columns", None),
+    ("split values", "The split column holds val; use train and test", None),
 ])
 def test_bad_input_is_one_sentence_and_leaves_no_dataset(tmp_path, capsys, case, message, fix):
     source = _broken(tmp_path, case)
-    assert importer.main([str(source), str(tmp_path / "mine"), "--no-progress"]) == 2
+    split = ["--split-column", "part"] if case == "split values" else []
+    assert importer.main([str(source), str(tmp_path / "mine"), "--no-progress", *split]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "mine").exists() and not list(tmp_path.glob(".mine.*"))
     if fix:
-        assert importer.main([str(source), str(tmp_path / "mine"), fix, "--no-progress"]) == 0
+        fix = [fix] if isinstance(fix, str) else fix
+        assert importer.main([str(source), str(tmp_path / "mine"), *fix, "--no-progress"]) == 0
         assert (tmp_path / "mine" / "train.json").is_file()
+        vocabulary = json.loads((tmp_path / "mine" / "train.json").read_text())["labels"]
+        assert set(vocabulary) <= set(LABELS) | {"Sky"}, vocabulary  # every label whole, none split or merged
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing source", "SOURCE"),
+    ("test size 1.5", "--test-size must be a fraction in (0, 1) (got 1.5)"),
+    ("blank separator", "--label-separator cannot be empty or blank"),
+    ("OUT is a file", "is a file; give a new folder"),
+    ("OUT not empty", "exists and is not empty"),
+    ("OUT under a file", "is a file where a folder is needed"),
+    ("unknown image column", "has no column 'photo' (--image-column)"),
+    ("header only", "has no data rows under its header"),
+    ("one image", "holds 1 image; a dataset needs at least 2"),
+    ("folder of nothing", "has neither tag files"),
+    ("unknown format", "invalid choice: 'xml'"),
+    ("bad test size", "invalid float value: 'a fifth'"),
+])
+def test_bad_arguments_are_one_sentence_and_leave_nothing(tmp_path, capsys, case, message):
+    source, out = csv_source(tmp_path, n=6), tmp_path / "mine"
+    extra = {"test size 1.5": ["--test-size", "1.5"], "blank separator": ["--label-separator", " "],
+             "unknown image column": ["--image-column", "photo"], "unknown format": ["--format", "xml"],
+             "bad test size": ["--test-size", "a fifth"]}.get(case, [])
+    if case == "missing source":
+        source = tmp_path / "nowhere.csv"
+    elif case == "OUT is a file":
+        out.write_text("x")
+    elif case == "OUT not empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("x")
+    elif case == "OUT under a file":
+        (tmp_path / "a_file").write_text("x")
+        out = tmp_path / "a_file" / "mine"
+    elif case in ("header only", "one image"):
+        lines = source.read_text().splitlines()
+        source.write_text("\n".join(lines[: 1 if case == "header only" else 2]) + "\n")
+    elif case == "folder of nothing":
+        (tmp_path / "nothing").mkdir()
+        source = tmp_path / "nothing"
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) if case in ("unknown format", "bad test size") else nullcontext() as stop:
+        stop = importer.main([str(source), str(out), "--no-progress", *extra])
+    code = stop if isinstance(stop, int) else stop.value.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_labels_are_split_at_the_separator_taken_literally_and_names_never_hide(tmp_path):
+    for i, labels in enumerate(label_sets(12)):
+        draw(tmp_path / "album" / f"{i}.jpg", labels)
+    rows = ["file;tags"] + [f"../album/{i}.jpg;{'[' .join(labels)}{'[polar bear' if i % 3 == 0 else ''}"
+                            for i, labels in enumerate(label_sets(12))]
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "photos.csv").write_text("\n".join(rows) + "\n")
+    assert importer.main([str(tmp_path / "list" / "photos.csv"), str(tmp_path / "mine"), "--delimiter", ";",
+                          "--label-separator", "[", "--no-progress"]) == 0
+    train = json.loads((tmp_path / "mine" / "train.json").read_text())
+    assert set(train["labels"]) == set(LABELS) | {"polar bear"}  # '[' taken literally, spaces kept inside a label
+    names = [s["image_name"] for s in train["samples"]]
+    assert all(n.startswith("album__") for n in names)  # '../' dropped: no name that `ls` hides
+    assert (tmp_path / "mine").stat().st_mode & 0o777 == 0o777 & ~_umask()
+    summary = json.loads((tmp_path / "mine" / "summary.json").read_text())
+    per_image = sum(len(s["image_labels"]) for split in ("train", "test")
+                    for s in json.loads((tmp_path / "mine" / f"{split}.json").read_text())["samples"]) / 12
+    assert summary["labels_per_image"] == round(per_image, 4) and len(str(summary["labels_per_image"])) <= 6
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_merged_spellings_take_the_most_frequent_and_rare_labels_can_be_dropped(tmp_path, capsys):
@@ -170,7 +260,7 @@ def test_merged_spellings_take_the_most_frequent_and_rare_labels_can_be_dropped(
     assert "Dropped 1 labels with fewer than 2 images (--min-label-count): moon" in capsys.readouterr().out
 
 
-def test_an_interrupted_import_leaves_nothing(tmp_path, monkeypatch):
+def test_an_interrupted_import_leaves_nothing(tmp_path, monkeypatch, capsys):
     source = csv_source(tmp_path, n=10)
     calls = Counter()
 
@@ -182,8 +272,9 @@ def test_an_interrupted_import_leaves_nothing(tmp_path, monkeypatch):
         (images / record.name).write_bytes(b"x")
 
     monkeypatch.setattr(importer, "_place", place_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        importer.main([str(source), str(tmp_path / "mine"), "--no-progress"])
+    assert importer.main([str(source), str(tmp_path / "mine"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: nothing was written") and err.count("\n") == 1
     assert not (tmp_path / "mine").exists() and not list(tmp_path.glob(".mine.*"))
 
 

@@ -1,6 +1,7 @@
 """The entry point (main.py): argument validation before any work, the registries' choices, the study's flag names,
 --plot, and its shape (parser, validation and dispatch; no training code)."""
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -81,8 +82,8 @@ def test_main_py_is_parser_validation_and_dispatch_only():
     assert not imported & {"train_one_epoch", "evaluate", "predict", "build_training", "create_model", "create_loss",
                            "compute_metrics", "fit_thresholds"}
     parser_lines = dict(_functions(REPO / "main.py"))["get_args_parser"]
-    # Parser aside: the mode and range tables, validation, and a dispatch of a few lines per mode.
-    assert len(source.splitlines()) - parser_lines <= 200
+    # Parser aside: the tables of modes, ranges and Ctrl-C messages, validation, a dispatch of a few lines per mode.
+    assert len(source.splitlines()) - parser_lines <= 220
 
 
 @pytest.mark.parametrize("module", ["main.py", "trainer.py", "report.py", "evaluation.py", "runs.py", "components.py",
@@ -204,3 +205,166 @@ def test_bench_scripts_do_not_shadow_the_projects_modules():
         done = subprocess.run([sys.executable, str(script), "--help"], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 0, (script.name, done.stderr[-1500:])
+
+
+# ---------------------------------------------------------------- the bad-input table: one sentence, exit 2, nothing left
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny dataset, a trained and evaluated run, its ONNX export, and damaged copies of each."""
+    import shutil
+
+    import torch
+
+    from conftest import run_dirs, train_args, write_dataset
+
+    root = tmp_path_factory.mktemp("bad")
+    data = write_dataset(root / "tiny")
+    cli(train_args(data, root / "runs", "--epochs", "1"))
+    (run,) = run_dirs(root / "runs")
+    cli(["--evaluate", "--checkpoint", str(run), "--num-workers", "0", "--no-progress"])
+    cli(["--export", "onnx", "--checkpoint", str(run), "--output", str(root / "model.onnx")])
+    damaged = {}
+    for name in ("truncated", "config", "thresholds", "nan", "labels"):
+        damaged[name] = root / f"run_{name}"
+        shutil.copytree(run, damaged[name])
+    (damaged["truncated"] / "best.pth").write_bytes((run / "best.pth").read_bytes()[:500])
+    (damaged["config"] / "config.json").write_text('{"model": ')
+    (damaged["thresholds"] / "thresholds.json").write_text("[1, 2")
+    labels = json.loads((run / "thresholds.json").read_text())
+    (damaged["labels"] / "thresholds.json").write_text(json.dumps({**labels, "labels": labels["labels"][::-1]}))
+    ckpt = torch.load(run / "best.pth", weights_only=True)
+    ckpt["model"] = {k: v.float() * float("nan") if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, damaged["nan"] / "best.pth")
+    onnx = (root / "model.onnx").read_bytes()
+    (root / "cut.onnx").write_bytes(onnx[: len(onnx) // 2])
+    import numpy as np
+    import onnx as onnx_lib
+    from onnx import numpy_helper
+
+    proto = onnx_lib.load(root / "model.onnx")  # a few hundred bytes overwritten: one weight tensor becomes NaN
+    weight = next(t for t in proto.graph.initializer if t.data_type == onnx_lib.TensorProto.FLOAT and len(t.dims) == 4)
+    weight.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(weight).shape, np.nan, np.float32), weight.name))
+    onnx_lib.save(proto, root / "nan.onnx")
+    for name, change in (("malformed", lambda d: "{"), ("nolabels", lambda d: json.dumps({"samples": d["samples"]})),
+                         ("unknown", lambda d: json.dumps({**d, "samples": d["samples"] + [
+                             {"image_name": "0.jpeg", "image_labels": ["unicorn"]}]}))):
+        shutil.copytree(data, root / name)
+        (root / name / "train.json").write_text(change(json.loads((data / "train.json").read_text())))
+    shutil.copytree(data, root / "noimages")
+    shutil.rmtree(root / "noimages" / "images")
+    shutil.copytree(data, root / "corrupt")
+    (root / "corrupt" / "images" / "3.jpeg").write_bytes(b"not a jpeg")
+    (root / "empty").mkdir()
+    (root / "a_file").write_text("x")
+    (root / "finished.json").write_text("[]")
+    return {"root": root, "data": data, "run": run, **damaged}
+
+
+RUNNING = ["--num-workers", "0", "--no-progress"]
+BAD_INPUTS = {  # name -> (flags, with {root} {data} {run} ... filled from the fixture; a phrase of the one-line error)
+    "unknown model": (["--model", "ResNet50"], "invalid choice: 'ResNet50'"),
+    "unknown loss": (["--loss-function", "L2"], "invalid choice: 'L2'"),
+    "not a number": (["--epochs", "many"], "invalid int value: 'many'"),
+    "no epochs": (["--epochs", "0", "--data", "{data}"], "--epochs must be at least 1 (got 0)"),
+    "batch of none": (["--batch-size", "0", "--data", "{data}"], "--batch-size must be at least 1"),
+    "odd image size": (["--image-size", "100", "--data", "{data}"], "--image-size must be a positive multiple of 32"),
+    "NaN learning rate": (["--learning-rate", "nan", "--data", "{data}"], "--learning-rate must be a positive number"),
+    "dropout of 1.5": (["--dropout", "1.5", "--data", "{data}"], "--dropout must be in [0, 1)"),
+    "unknown normalisation": (["--normalise", "imagenet", "--data", "{data}"], "--normalise takes backbone"),
+    "threshold grid above 1": (["--evaluate", "--checkpoint", "{run}", "--threshold-grid", "1.5", "2"],
+                               "--threshold-grid must be probabilities strictly between 0 and 1"),
+    "top-k of 0": (["--predict", "{data}/images", "--checkpoint", "{run}", "--top-k", "0"], "--top-k must be at least 1"),
+    "min score of 2": (["--predict", "{data}/images", "--checkpoint", "{run}", "--min-score", "2"],
+                       "--min-score must be a probability"),
+    "two modes": (["--evaluate", "--export", "onnx"], "--evaluate and --export cannot be combined"),
+    "training flag to evaluate": (["--evaluate", "--checkpoint", "{run}", "--epochs", "3"],
+                                  "--epochs does not apply to --evaluate"),
+    "resume with new epochs": (["--resume", "{run}", "--epochs", "9"], "--epochs does not apply to --resume"),
+    "no CUDA here": (["--device", "cuda", "--data", "{data}", "--save-dir", "{root}/new"], "CUDA is not available"),
+    "missing dataset": (["--data", "{root}/nowhere", "--save-dir", "{root}/new"], "Dataset root"),
+    "malformed train.json": (["--data", "{root}/malformed", "--save-dir", "{root}/new"], "is not valid JSON"),
+    "no vocabulary": (["--data", "{root}/nolabels", "--save-dir", "{root}/new"], 'has no "labels" list'),
+    "label outside the vocabulary": (["--data", "{root}/unknown", "--save-dir", "{root}/new"], "unicorn"),
+    "images missing": (["--data", "{root}/noimages", "--save-dir", "{root}/new"], "are not in"),
+    "corrupt image": (["--data", "{root}/corrupt", "--save-dir", "{root}/new", "--cache", "none", "--val-size", "6",
+                       "--model", "TinyResNet", "--no-pretrained", "--image-size", "32"],
+                      "cannot be read (UnidentifiedImageError"),
+    "save-dir under a file": (["--data", "{data}", "--save-dir", "{root}/a_file/runs"], "is a file where a folder"),
+    "missing weights file": (["--weights", "{root}/none.pth", "--data", "{data}", "--model", "TinyResNet", "--val-size",
+                              "6", "--save-dir", "{root}/new"],
+                             "none.pth"),
+    "not a run directory": (["--evaluate", "--checkpoint", "{root}/empty"], "is not a run directory"),
+    "no run to evaluate": (["--evaluate", "--save-dir", "{root}/empty", "--model", "TinyResNet"],
+                           "No trained run of TinyResNet"),
+    "other model asked": (["--evaluate", "--checkpoint", "{run}", "--model", "ResNet18"], "was made with TinyResNet"),
+    "malformed config.json": (["--evaluate", "--checkpoint", "{config}"], "config.json' is not valid JSON"),
+    "truncated checkpoint": (["--evaluate", "--checkpoint", "{truncated}"], "may be truncated"),
+    "NaN weights": (["--evaluate", "--checkpoint", "{nan}"], "non-finite scores"),
+    "dataset of other labels": (["--evaluate", "--checkpoint", "{run}", "--data", "{root}/unknown"], "unicorn"),
+    "nothing to resume": (["--resume", "{root}/empty"], "is not a run directory"),
+    "predict a missing folder": (["--predict", "{root}/nowhere", "--checkpoint", "{run}"], "does not exist"),
+    "predict an empty folder": (["--predict", "{root}/empty", "--checkpoint", "{run}"], "No images"),
+    "damaged thresholds.json": (["--predict", "{data}/images", "--checkpoint", "{thresholds}"],
+                                "is not a thresholds file"),
+    "thresholds of other labels": (["--predict", "{data}/images", "--checkpoint", "{labels}"], "other labels"),
+    "NaN model tagging": (["--predict", "{data}/images", "--checkpoint", "{nan}", "--output", "{root}/nan_tags"],
+                          "non-finite scores"),
+    "truncated ONNX": (["--predict", "{data}/images", "--checkpoint", "{root}/cut.onnx"], "cannot be opened"),
+    "NaN ONNX": (["--predict", "{data}/images", "--checkpoint", "{root}/nan.onnx"], "nan.onnx' gives non-finite"),
+    "finished output": (["--predict", "{data}/images", "--checkpoint", "{run}", "--output", "{root}/finished"],
+                        "is a finished --predict output"),
+    "output under a file": (["--predict", "{data}/images", "--checkpoint", "{run}", "--output", "{root}/a_file/x"],
+                            "is a file where a folder"),
+    "export under a file": (["--export", "onnx", "--checkpoint", "{run}", "--output", "{root}/a_file/m.onnx"],
+                            "is a file where a folder"),
+    "compare an unevaluated run": (["--compare", "{root}/empty"], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_sentence_exit_2_and_leaves_nothing(world, case, capsys):
+    flags, phrase = BAD_INPUTS[case]
+    argv = [f.format(**world) for f in flags]
+    argv += [] if "--compare" in argv else ["--no-progress"] if "--export" in argv else RUNNING
+    before = sorted(p.relative_to(world["root"]) for p in world["root"].rglob("*"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert phrase in err, err
+    assert sorted(p.relative_to(world["root"]) for p in world["root"].rglob("*")) == before
+
+
+@pytest.mark.parametrize("mode, argv, patch, said", [
+    ("evaluate", ["--evaluate", "--checkpoint", "{run}"], ("evaluation", "evaluate_run"), "nothing was written"),
+    ("export", ["--export", "onnx", "--checkpoint", "{run}", "--output", "{root}/x.onnx"], ("export", "export_onnx"),
+     "nothing was written"),
+    ("demo", ["--data", "demo", "--save-dir", "{root}/new"], ("dataset", "resolve_data_root"),
+     "before the first training step; no checkpoint was saved"),
+])
+def test_ctrl_c_in_every_command_is_one_line_and_exit_130(world, monkeypatch, capsys, mode, argv, patch, said):
+    import importlib
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(patch[0]), patch[1], stop)
+    if mode == "demo":
+        import components
+
+        monkeypatch.setattr(components, "resolve_data_root", stop)
+    with pytest.raises(SystemExit) as exit_:
+        cli([a.format(**world) for a in argv] + ["--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and err.startswith("interrupted: ") and said in err and err.count("\n") == 1, err
+    assert not (world["root"] / "x.onnx").exists() and not (world["root"] / "new").exists()
+
+
+def test_evaluate_says_first_which_run_and_what_it_computes(world, capsys):
+    cli(["--evaluate", "--checkpoint", str(world["run"]), *RUNNING])
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    assert first == f"Evaluating {world['run']}: loading the run and its dataset."
+    assert second.startswith("TinyResNet + AsymmetricLoss, best epoch 1: MCC thresholds fitted on the train+val split")

@@ -13,7 +13,7 @@ import export
 import predict
 from conftest import run_dirs, train_args
 from main import cli
-from utils import UserError
+from utils import Interrupted, UserError
 
 
 @pytest.mark.parametrize("strict, expected", [(False, ["sea", "sky", "sun"]), (True, ["sea", "sky"])])
@@ -83,7 +83,7 @@ def test_an_interrupted_folder_run_keeps_its_rows_and_resumes_with_the_rest(eval
             raise KeyboardInterrupt
 
     monkeypatch.setattr(predict, "_append", append_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="^16 of 34 images are tagged in .*part.csv; run the same command again"):
         tag(run, data / "images", tmp_path / "part", "--batch-size", "8")
     kept = (tmp_path / "part.csv").read_text().splitlines()
     assert len(kept) == 1 + 16 + 1 and (tmp_path / "part.partial.json").is_file()  # header, 2 batches, a cut line
@@ -107,7 +107,8 @@ def test_unreadable_files_are_skipped_and_reported(evaluated_run, tmp_path, caps
     rows = tag(run, folder, tmp_path / "out")
     out = capsys.readouterr().out
     assert [r["image"].rsplit("/", 1)[-1] for r in rows] == ["10000.jpeg", "10001.jpeg"]
-    assert "broken.jpg  (unreadable, skipped)" in out and "Annotated 2 images (1 unreadable, skipped)" in out
+    assert "broken.jpg  (unreadable, skipped: UnidentifiedImageError: cannot identify image file" in out
+    assert "Annotated 2 images (1 unreadable, skipped)" in out
 
 
 def test_an_exported_onnx_file_tags_like_the_pytorch_model(evaluated_run, tmp_path):

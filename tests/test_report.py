@@ -142,7 +142,7 @@ def test_strict_comparison_and_the_first_point_fallback_through_evaluate(tiny_da
 def _predicted_labels(run, data, tmp_path) -> int:
     rows = main_module.main(main_module.get_args_parser().parse_args(
         ["--predict", str(data / "images" / "10000.jpeg"), "--checkpoint", str(run), "--num-workers", "0",
-         "--no-progress", "--output", str(tmp_path / "p")]))
+         "--no-progress", "--output", str(tmp_path / "p"), "--overwrite"]))
     return len(rows[0]["labels"])
 
 
@@ -156,7 +156,7 @@ def test_a_study_run_states_its_recipe_in_results_md(tiny_dataset, tmp_path):
     for row in ("Recipe: study", "| loss reduction | mean over all images x labels", "| focusing weights | not detached",
                 "| log of probabilities | log(max(p, 1e-08))", "| flips | horizontal and vertical",
                 "| normalisation | dataset", "| schedule | OneCycleLR over 2.66667 epochs, trained 2",
-                "| weights tag | r160_in1k", "seed 1, shuffled once (scikit-learn, random_state 0), last partial batch kept",
+                "| weights tag | none (--no-pretrained)", "seed 1, shuffled once (scikit-learn, random_state 0), last partial batch kept",
                 "fitted on train (train transform), fallback first, predict p > t, metric epsilon 1e-07",
                 "| model selection | test set (every epoch)", "| input mean / std |"):
         assert row in text, row

@@ -65,7 +65,7 @@ def test_resume_after_ctrl_c_equals_the_uninterrupted_run(tiny_dataset, tmp_path
         cli(train_args(tiny_dataset, tmp_path / "resumed", *common))
     assert stop.value.code == 130
     (resumed,) = run_dirs(tmp_path / "resumed")
-    assert f"python main.py --resume {resumed}" in capsys.readouterr().out
+    assert f"continue with: python main.py --resume {resumed}" in capsys.readouterr().err
     assert torch.load(resumed / "last.pth", weights_only=True)["epoch_progress"]["step"] == 1
     while True:
         try:
@@ -76,6 +76,60 @@ def test_resume_after_ctrl_c_equals_the_uninterrupted_run(tiny_dataset, tmp_path
     assert not interrupts
     assert_same_weights(model_weights(straight / "last.pth"), model_weights(resumed / "last.pth"))
     assert_same_weights(model_weights(straight / "best.pth"), model_weights(resumed / "best.pth"))
+    assert log_rows(straight) == log_rows(resumed)
+
+
+def _tensors(value, prefix=""):
+    """Every tensor and number of a checkpoint, by path (state dicts, optimiser state, RNG, progress)."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _tensors(item, f"{prefix}/{key}").items()}
+    if isinstance(value, (list, tuple)):
+        return {k: v for i, item in enumerate(value) for k, v in _tensors(item, f"{prefix}/{i}").items()}
+    return {prefix: value} if isinstance(value, (torch.Tensor, int, float)) else {}
+
+
+@pytest.mark.parametrize("how", ["exception", "signal"])
+def test_ctrl_c_inside_a_batch_then_resume_is_bit_identical(tiny_dataset, tmp_path, monkeypatch, how):
+    """Ctrl-C raised inside the forward pass, after the first BatchNorm has updated its running statistics (or a real
+    SIGINT there): the resumed run's final last.pth equals the uninterrupted run's in every tensor."""
+    import os
+    import signal
+
+    common = ("--epochs", "2", "--ema", "--ema-decay", "0.9", "--batch-size", "4", "--cutout", "0.5")
+    cli(train_args(tiny_dataset, tmp_path / "straight", *common))
+    real_prepare, forwards = trainer.prepare_parts, []
+
+    def prepare_with_a_trap(*args, **kwargs):
+        parts = real_prepare(*args, **kwargs)
+        first_bn = next(m for m in parts.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+        def trap(module, inputs, output):
+            if module.training:
+                forwards.append(1)
+                if len(forwards) == 7:  # epoch 2 (4 batches an epoch), its 3rd batch
+                    if how == "signal":
+                        os.kill(os.getpid(), signal.SIGINT)
+                    else:
+                        raise KeyboardInterrupt
+        first_bn.register_forward_hook(trap)
+        return parts
+
+    monkeypatch.setattr(trainer, "prepare_parts", prepare_with_a_trap)
+    with pytest.raises(SystemExit) as stop:
+        cli(train_args(tiny_dataset, tmp_path / "resumed", *common))
+    assert stop.value.code == 130 and len(forwards) == 7
+    monkeypatch.setattr(trainer, "prepare_parts", real_prepare)
+    (straight,), (resumed,) = run_dirs(tmp_path / "straight"), run_dirs(tmp_path / "resumed")
+    saved = torch.load(resumed / "last.pth", weights_only=True)
+    assert (saved["epoch"], saved["epoch_progress"]["step"]) == (1, 2 if how == "exception" else 3)
+    cli(["--resume", str(resumed), "--num-workers", "0", "--no-progress"])
+    a, b = (_tensors(torch.load(run / "last.pth", weights_only=True)) for run in (straight, resumed))
+    assert a.keys() == b.keys() and any("running_mean" in k for k in a) and any("rng" in k for k in a)
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+        else:
+            assert a[key] == b[key], key
     assert log_rows(straight) == log_rows(resumed)
 
 
