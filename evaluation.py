@@ -133,9 +133,16 @@ def fit_run_thresholds(fitted: dict, settings: dict) -> torch.Tensor:
     if not (minimum or shrinkage):
         return thresholds
     positives = fitted["targets"].sum(0)  # (C,)
-    pooled_over = positives < minimum if minimum else torch.ones_like(positives, dtype=torch.bool)
-    pooled = pooled_threshold(method, fitted["targets"], fitted["probs"], pooled_over, grid).float()
-    return stabilise(thresholds, positives, pooled, minimum, shrinkage)
+    rare = positives < minimum  # (C,) bool
+
+    def pooled(over: torch.Tensor) -> torch.Tensor:
+        return pooled_threshold(method, fitted["targets"], fitted["probs"], over, grid).float()
+
+    if shrinkage:  # every label toward the threshold of all labels pooled
+        thresholds = stabilise(thresholds, positives, pooled(torch.ones_like(rare)), shrinkage=shrinkage)
+    if minimum:  # then the rare labels take the threshold of the rare labels pooled
+        thresholds = torch.where(rare, pooled(rare), thresholds)
+    return thresholds
 
 
 def score_test_set(test: dict, thresholds: torch.Tensor, settings: dict) -> dict:

@@ -115,3 +115,68 @@ def test_a_fold_cache_interrupted_while_written_leaves_no_file_a_later_evaluate_
     with pytest.raises(KeyboardInterrupt):
         crossfit.save_fold(other, out)
     assert not other.exists() and sorted(p.name for p in path.parent.iterdir()) == ["fold0of5.npz"]
+
+
+# ---------------------------------------------------------------- planted out-of-fold predictions
+
+PLANTED = np.array([0.6, 0.45, 0.15, 0.3, 0.2])  # each label's separating grid point (label 4 is noisy)
+
+
+@pytest.fixture(scope="module")
+def planted(run, tmp_path_factory):
+    """A copy of the run whose 3 fold caches are planted: label c's positives score just above PLANTED[c] and its
+    negatives just below, except label 4, whose scores overlap; each fold's rows are written in shuffled order."""
+    import shutil
+
+    run_dir, data = run
+    copy = tmp_path_factory.mktemp("planted") / run_dir.name
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("folds"))
+    train = load_data(str(data), load_config(copy), False, World()).train
+    y = train.targets.numpy()  # (N, C)
+    rng = np.random.default_rng(0)
+    jitter = rng.uniform(0.005, 0.02, y.shape)
+    probs = np.where(y == 1, PLANTED + jitter, PLANTED - 0.025 - jitter)
+    noisy = rng.random(len(y)) < 0.3
+    probs[noisy, 4] = rng.uniform(0.05, 0.7, noisy.sum())
+    fold = fold_of(train, 3, load_config(copy)["seed"]).numpy()
+    (copy / "folds").mkdir()
+    for k in range(3):
+        rows = rng.permutation(np.flatnonzero(fold == k))
+        np.savez(copy / "folds" / f"fold{k}of3.npz", probs=probs[rows].astype(np.float32), targets=y[rows],
+                 rows=rows)
+    return copy, y, probs.astype(np.float32)
+
+
+def test_planted_fold_caches_are_the_fitting_predictions_in_training_order(planted, capsys):
+    run_dir, y, probs = planted
+    _, saved = evaluate(run_dir, "--threshold-split", "cv", "--folds", "3")
+    assert "Cross-fitting: fold" not in capsys.readouterr().out  # the planted folds are used, none trained
+    np.testing.assert_array_equal(saved["fit_probs"], probs)
+    np.testing.assert_array_equal(saved["fit_targets"], y)
+    np.testing.assert_allclose(saved["thresholds"][:4], PLANTED[:4], atol=1e-7)  # each clean label at its own point
+    np.testing.assert_allclose(saved["thresholds"], _sklearn_fit(y, probs.astype(np.float64)), atol=1e-6)
+    assert len(set(saved["thresholds"].round(6).tolist())) == 5
+
+
+def test_every_rare_label_option_gives_its_own_thresholds_equal_to_a_recomputation(planted):
+    run_dir, y, probs = planted
+    p = probs.astype(np.float64)
+    own, positives = _sklearn_fit(y, p), y.sum(0)
+    minimum = int(np.median(positives)) + 1
+    rare = positives < minimum
+    assert rare.any() and (~rare).any() and len(set(positives.tolist())) > 1
+    cv = ("--threshold-split", "cv", "--folds", "3")
+    got = {"plain": evaluate(run_dir, *cv)[1]["thresholds"],
+           "min": evaluate(run_dir, *cv, "--threshold-min-positives", str(minimum))[1]["thresholds"],
+           "shrunk": evaluate(run_dir, *cv, "--threshold-shrinkage", "3")[1]["thresholds"],
+           "both": evaluate(run_dir, *cv, "--threshold-min-positives", str(minimum),
+                            "--threshold-shrinkage", "3")[1]["thresholds"]}
+    pooled_rare, pooled_all = _pooled(y, p, rare), _pooled(y, p, np.ones(5, dtype=bool))
+    assert pooled_rare != pooled_all  # pooling over the rare labels alone is not pooling over all
+    shrunk = (positives * own + 3 * pooled_all) / (positives + 3)
+    expected = {"plain": own, "min": np.where(rare, pooled_rare, own), "shrunk": shrunk,
+                "both": np.where(rare, pooled_rare, shrunk)}
+    for name in got:
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-6, err_msg=name)
+    distinct = {name: tuple(np.round(t, 5)) for name, t in got.items()}
+    assert len(set(distinct.values())) == 4, distinct  # every option changes the thresholds

@@ -169,3 +169,66 @@ def test_without_onnxruntime_one_sentence_says_what_to_install(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(export.ExportError, match="pip install onnx onnxruntime"):
         export.OnnxAnnotator(tmp_path / "model.onnx")
+
+
+# ---------------------------------------------------------------- ONNX: planted thresholds, the comparison rule, ties
+
+def _plant_thresholds(run, values, compare):
+    record = json.loads((run / "thresholds.json").read_text())
+    (run / "thresholds.json").write_text(json.dumps({**record, "thresholds": [float(v) for v in values],
+                                                     "compare": compare}))
+
+
+@pytest.mark.parametrize("compare", ["gt", "ge"])
+def test_onnx_carries_distinct_thresholds_in_label_order_and_applies_its_rule_at_a_tie(evaluated_run, tmp_path,
+                                                                                     compare):
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    import numpy as np
+
+    run, data = evaluated_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    vocabulary = torch.load(run / "best.pth", weights_only=True)["vocabulary"]
+    cli(["--export", "onnx", "--checkpoint", str(copy), "--output", str(tmp_path / "probe.onnx")])
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = sorted(p.name for p in (data / "images").iterdir())[:8]
+    for name in names:
+        (folder / name).symlink_to(data / "images" / name)
+    images = torch.stack([predict.load_image(folder / n, 32) for n in names]).numpy()
+    probs = export.OnnxAnnotator(tmp_path / "probe.onnx").probabilities(images)  # (8, C) float32
+    # Distinct thresholds, one of which (label 1) is exactly image 0's score: a tie that only the rule decides.
+    planted = np.array([0.31, probs[0, 1], 0.47, 0.22, 0.58], dtype=np.float32)
+    assert len(set(planted.tolist())) == 5
+    _plant_thresholds(copy, planted, compare)
+    cli(["--export", "onnx", "--checkpoint", str(copy), "--output", str(tmp_path / "model.onnx")])
+    annotator = export.OnnxAnnotator(tmp_path / "model.onnx")
+    assert annotator.vocabulary == vocabulary and annotator.threshold_compare == compare
+    np.testing.assert_array_equal(annotator.thresholds.numpy(), planted)
+    rows = tag(tmp_path / "model.onnx", folder, tmp_path / "tags")
+    chosen = probs > planted if compare == "gt" else probs >= planted
+    assert chosen.any() and (~chosen).any()
+    for row, picked in zip(rows, chosen):
+        assert [x["label"] for x in row["labels"]] == \
+            [vocabulary[j] for j in sorted(np.flatnonzero(picked), key=lambda j: -probs[names.index(
+                Path(row["image"]).name), j])]
+    tie = {x["label"] for x in next(r for r in rows if Path(r["image"]).name == names[0])["labels"]}
+    assert (vocabulary[1] in tie) == (compare == "ge")
+
+
+@pytest.mark.parametrize("error, written", [(1e-3, False), (1e-6, True)])
+def test_the_parity_check_refuses_a_real_difference_and_accepts_float_noise(evaluated_run, tmp_path, monkeypatch,
+                                                                           error, written):
+    pytest.importorskip("onnxruntime")
+    run, _ = evaluated_run
+    real = export.OnnxAnnotator.probabilities
+    monkeypatch.setattr(export.OnnxAnnotator, "probabilities", lambda self, images: real(self, images) + error)
+    assert export.TOLERANCE == 1e-4  # the real tolerance, not a patched one
+    if written:
+        cli(["--export", "onnx", "--checkpoint", str(run), "--output", str(tmp_path / "model.onnx")])
+    else:
+        with pytest.raises(SystemExit):
+            cli(["--export", "onnx", "--checkpoint", str(run), "--output", str(tmp_path / "model.onnx")])
+    assert (tmp_path / "model.onnx").exists() is written
