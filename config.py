@@ -9,7 +9,7 @@ Keys that are None here are either "the recipe's value" (see recipes.RECIPES) or
 resolved when a run starts.
 
 `Runtime` is the other half of a command: how it runs on this machine (device, batches, loader processes,
-precision, progress), which the commands that apply a run (--evaluate, --predict, --export) take from their flags.
+precision, progress), which --evaluate and --predict take from their flags (--export runs on the CPU).
 """
 from __future__ import annotations
 

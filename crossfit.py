@@ -43,11 +43,12 @@ def fold_predictions(fold_dir: Path, rows: list[int], data: DatasetSplits, runti
     return {"probs": out["probs"], "targets": out["targets"], "rows": torch.tensor(rows)[out["indices"]]}
 
 
-def save_fold(path: Path, out: dict) -> None:
-    """The fold's predictions as one .npz written atomically: an interrupted write leaves no file that a later
-    --evaluate would take for a finished fold."""
+def save_fold(path: Path, out: dict, data: str = "") -> None:
+    """The fold's predictions as one .npz written atomically (an interrupted write leaves no file that a later
+    --evaluate would take for a finished fold), with the dataset they were predicted on."""
     buffer = io.BytesIO()
-    np.savez(buffer, probs=out["probs"].numpy(), targets=out["targets"].numpy(), rows=out["rows"].numpy())
+    np.savez(buffer, probs=out["probs"].numpy(), targets=out["targets"].numpy(), rows=out["rows"].numpy(),
+             data=np.array(str(data)))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buffer.getvalue())
 
@@ -69,8 +70,12 @@ def out_of_fold(run_dir: Path, config: dict, data: DatasetSplits, folds: int, ru
                 f"{len(fold)} training images (K = {folds} extra trainings in all; finished folds are reused).")
             fold_dir = fold_run(run_dir, config, k, folds, runtime, train)
             rows = ((fold == k) & originals).nonzero().flatten().tolist()
-            save_fold(cached, fold_predictions(fold_dir, rows, data, runtime))
+            save_fold(cached, fold_predictions(fold_dir, rows, data, runtime), data.root.resolve())
         saved = np.load(cached)
+        if "data" in saved.files and str(saved["data"]) not in ("", str(data.root.resolve())):
+            raise UserError(f"'{cached}' holds predictions of the dataset '{saved['data']}', and this evaluation reads "
+                            f"'{data.root.resolve()}'; evaluate on that dataset, or delete {cached.parent} to "
+                            f"cross-fit again.")
         parts.append({key: torch.from_numpy(saved[key]) for key in ("probs", "targets", "rows")})
     rows = torch.cat([p["rows"] for p in parts])
     order = torch.argsort(rows)

@@ -1,4 +1,5 @@
-"""--evaluate's computation: settings -> predictions -> thresholds -> results, returned, never written.
+"""--evaluate's computation: settings -> predictions -> thresholds -> results, returned for report.py to write (the
+only files written here are cross-fitting's folds, which crossfit.py trains and caches).
 
 `evaluate_run` loads a run (runs.py), predicts the split its thresholds are fitted on (--threshold-split: train+val
 by default, val, train, or cv = out-of-fold predictions of models trained without each image, crossfit.py), fits one
@@ -20,8 +21,9 @@ from dataset import DatasetSplits
 from distributed import World, get_device, init_distributed, say
 from metrics import compute_metrics, ranking_metrics, top_k_metrics
 from recipes import EVALUATION_KEYS, describe
-from runs import load_run, predict_split, run_data, run_preprocessor, skip_bad_images
+from runs import checkpoint_identity, load_run, predict_split, run_data, run_preprocessor, skip_bad_images
 from thresholds import DEFAULT_GRID, fit_thresholds, pooled_threshold, stabilise
+from utils import UserError
 
 TOP_K = 5  # the annotation literature's protocol: 5 labels per image
 
@@ -53,6 +55,8 @@ class Evaluation:
     thresholds: torch.Tensor
     settings: dict
     world: World
+    checkpoint: dict  # runs.checkpoint_identity of the best.pth evaluated
+    data_source: str  # the dataset evaluated (the run's, or --data)
 
 
 def evaluation_settings(options: EvaluationOptions, config: Mapping[str, Any]) -> dict:
@@ -60,6 +64,9 @@ def evaluation_settings(options: EvaluationOptions, config: Mapping[str, Any]) -
     the grid (a float64 tensor), the rare-label options, the folds and k."""
     settings = {key: options.overrides.get(key) if options.overrides.get(key) is not None else config[key]
                 for key in EVALUATION_KEYS}
+    if options.folds != EvaluationOptions.folds and settings["threshold_split"] != "cv":
+        raise UserError(f"--folds applies to --threshold-split cv, and this evaluation fits its thresholds on "
+                        f"{settings['threshold_split']}; add --threshold-split cv, or drop --folds.")
     grid = torch.tensor(options.threshold_grid, dtype=torch.float64) if options.threshold_grid else DEFAULT_GRID
     return {**settings, "threshold_method": options.threshold_method, "grid": grid, "top_k": options.top_k,
             "threshold_min_positives": options.threshold_min_positives,
@@ -69,7 +76,8 @@ def evaluation_settings(options: EvaluationOptions, config: Mapping[str, Any]) -
 def run_metadata(run_dir: Path, config: dict, ckpt: dict, data: DatasetSplits, settings: dict) -> dict:
     """What results.json says about the run, its recipe and the thresholding (results["run"])."""
     return {"run_dir": str(run_dir), "model": config["model"], "loss_function": config["loss_function"],
-            "data": config["data"], "image_size": config["image_size"], "epochs": config["epochs"],
+            "data": config["data"], "evaluated_on": str(data.root), "image_size": config["image_size"],
+            "epochs": config["epochs"],
             "seed": config["seed"], "split_sizes": data.sizes(), "protocol": data.protocol,
             **{k: v for k, v in settings.items() if k != "grid"},
             "threshold_grid": [round(float(g), 6) for g in settings["grid"]],
@@ -187,4 +195,5 @@ def evaluate_run(run_dir: Path, options: EvaluationOptions, runtime: Runtime, da
     results = {**score_test_set(test, thresholds, settings),
                "thresholds": {label: round(float(t), 6) for label, t in zip(run.data.vocabulary, thresholds)},
                "run": run_metadata(run_dir, run.config, run.ckpt, run.data, settings)}
-    return Evaluation(run_dir, results, run.data, {"fit": fitted, "test": test}, thresholds, settings, run.world)
+    return Evaluation(run_dir, results, run.data, {"fit": fitted, "test": test}, thresholds, settings, run.world,
+                      checkpoint_identity(run.ckpt), run.data_source)

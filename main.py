@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from config import RUNTIME_KEYS, TRAINING_DEFAULTS, Runtime, training_config
+from modes import INTERRUPTED, RUNTIME, mode_of, mode_problems
 from dataset import DATASETS, DEFAULT_DATA
 from distributed import cleanup, is_main_process, say
 from heads import HEADS, LABEL_EMBEDDINGS
@@ -28,20 +29,6 @@ from thresholds import THRESHOLD_METHODS
 from utils import ArgumentParser, DefaultsHelpFormatter, Interrupted, UserError, check_writable
 
 BOOL = argparse.BooleanOptionalAction  # --x / --no-x, None when neither is given (the recipe decides)
-# The modes besides training, one per command; each names the flags it reads (the others must keep their defaults).
-FIND_RUN = ("checkpoint", "model", "loss_function", "data", "save_dir")
-RUNTIME = ("device", "batch_size", "num_workers", "amp", "channels_last", "skip_bad_images")
-MODE_FLAGS = {
-    "train": tuple(k for k in TRAINING_DEFAULTS if k != "hold_out_fold"),
-    "resume": ("resume", *RUNTIME_KEYS),
-    "evaluate": ("evaluate", *FIND_RUN, *RUNTIME, *EVALUATION_KEYS, "threshold_method", "threshold_grid",
-                 "threshold_min_positives", "threshold_shrinkage", "folds", "top_k"),
-    "predict": ("predict", *FIND_RUN, *RUNTIME, "output", "top_k", "min_score", "overwrite"),
-    "export": ("export", *FIND_RUN, "output"),
-    "compare": ("compare",),
-}
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         description="Multi-label automatic image annotation: train, --evaluate, --predict, --compare.",
@@ -224,17 +211,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What a Ctrl-C outside the steps that save their own progress leaves behind (training saves last.pth at its next
-# batch, --predict keeps its rows: they say so themselves).
-INTERRUPTED = {
-    "train": "before the first training step; no checkpoint was saved (a finished decoded-image cache is kept); run "
-             "the same command again",
-    "resume": "before the first training step; the run's last.pth is as it was; run the same command again",
-    "evaluate": "nothing was written (finished cross-fitting folds are kept and reused); run the same command again",
-    "predict": "before the first image was tagged; nothing was written",
-    "export": "nothing was written",
-    "compare": "nothing was written",
-}
 # flag -> (what it must be, test); a flag left None (the recipe's or the model's own value) is not checked.
 RANGES = {
     "batch_size": ("at least 1", lambda v: v >= 1),
@@ -260,38 +236,10 @@ RANGES = {
 }
 
 
-def mode_of(args: argparse.Namespace) -> str:
-    """The command: train, or the one mode flag given (--resume, --evaluate, --predict, --export, --compare)."""
-    given = [mode for mode in MODE_FLAGS if mode != "train" and getattr(args, mode)]
-    if len(given) > 1:
-        raise UserError(f"--{' and --'.join(given)} cannot be combined; give one of --resume, --evaluate, --predict, "
-                        f"--export, --compare per command.")
-    return given[0] if given else "train"
-
-
-def mode_problems(args: argparse.Namespace, mode: str) -> list[str]:
-    """One sentence for the flags given that `mode` does not read (a silent no-op otherwise)."""
-    defaults = get_args_parser().parse_args([])
-    stray = [k for k, v in vars(args).items()
-             if k not in MODE_FLAGS[mode] and k != "progress" and v != getattr(defaults, k, v)]
-    if not stray:
-        return []
-    names = ", ".join("--" + k.replace("_", "-") for k in stray)
-    if mode == "train":
-        return [f"{names} {'does' if len(stray) == 1 else 'do'} not apply to training (only to --evaluate, "
-                f"--predict or --export of a trained run)"]
-    if mode == "resume":
-        return [f"{names} {'does' if len(stray) == 1 else 'do'} not apply to --resume: a resumed run continues "
-                f"exactly as configured (its learning-rate schedule was laid out for its own --epochs); train a new "
-                f"run to change them"]
-    return [f"{names} {'does' if len(stray) == 1 else 'do'} not apply to --{mode} (a run keeps the settings it "
-            f"was trained with; train a new run to change them)"]
-
-
 def validate_args(args: argparse.Namespace) -> None:
     """Reject nonsense before any work starts, one sentence per problem: modes that cannot mix, flags the mode does
     not read, out-of-range values."""
-    problems = mode_problems(args, mode_of(args)) + recipe_problems(vars(args))
+    problems = mode_problems(args, mode_of(args), get_args_parser().parse_args([])) + recipe_problems(vars(args))
     problems += [f"--{name.replace('_', '-')} must be {rule} (got {getattr(args, name)})"
                  for name, (rule, valid) in RANGES.items() if getattr(args, name) is not None
                  and not valid(getattr(args, name))]
@@ -348,7 +296,11 @@ def evaluate(run_dir: Path, args: argparse.Namespace) -> dict:
     trained with trainer.train, handed over so that the evaluation code never imports the training code."""
     from evaluation import EvaluationOptions, evaluate_run
     from report import summary, write_report
-    from trainer import train
+
+    def train(config: dict) -> Path:  # only cross-fitting trains: the training code is loaded then, not before
+        from trainer import train as train_fold
+
+        return train_fold(config)
 
     options = EvaluationOptions(
         args.threshold_method, tuple(args.threshold_grid) if args.threshold_grid else None,

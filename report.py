@@ -55,7 +55,7 @@ def _results_markdown(results: dict) -> str:
                 else "held-out validation split for model selection")
     recipe = "\n".join(f"| {row} | {value} |" for row, value in run["recipe"].items())
     stats = run["normalisation"] or {"mean": "the backbone's", "std": "the backbone's"}
-    return (f"# {run['model']} + {run['loss_function']} on {run['data']}\n\n"
+    return (f"# {run['model']} + {run['loss_function']} on {run.get('evaluated_on', run['data'])}\n\n"
             f"Recipe: {run['recipe']['recipe']}. Test set ({run['split_sizes']['test']} images). Thresholds fitted on "
             f"the {run['threshold_split']} split ({run['threshold_method']}, fallback {run['threshold_fallback']}); "
             f"{protocol}.\nImage size {run['image_size']}, {run['epochs']} epochs (best epoch {run['best_epoch']}, "
@@ -190,7 +190,8 @@ def write_report(evaluation: Evaluation) -> None:
     thresholds, predictions = evaluation.thresholds, evaluation.predictions
     strict = results["run"]["threshold_compare"] == "gt"
     test = predictions["test"]
-    save_thresholds(run_dir, data.vocabulary, thresholds, evaluation.settings)
+    save_thresholds(run_dir, data.vocabulary, thresholds, evaluation.settings, evaluation.checkpoint,
+                    evaluation.data_source)
     atomic_write_json(run_dir / "results.json", results)
     atomic_write_text(run_dir / "results.md", _results_markdown(results))
     atomic_write_text(run_dir / "per_label.csv", per_label_csv(data.vocabulary, data.train, test, thresholds, strict,

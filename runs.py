@@ -62,20 +62,35 @@ def make_run_dir(save_dir: str | Path, model: str, loss: str, data: str, run_nam
     return path
 
 
+def _saved_config(run_dir: Path) -> dict | None:
+    """config.json as saved, or None when it is missing or not a JSON object (such a folder is not a usable run)."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
 def training_started(run_dir: Path) -> float:
     """When the run's training started (seconds since the epoch): config.json's "started", or for runs older than
-    that key the time config.json was written (training writes it once, at the start; nothing rewrites it)."""
+    that key (or with an unreadable one) the time config.json was written (training writes it once, at the start)."""
+    started = (_saved_config(run_dir) or {}).get("started")
     try:
-        started = json.loads((run_dir / "config.json").read_text()).get("started")
-    except (OSError, json.JSONDecodeError):
-        started = None
-    return datetime.fromisoformat(started).timestamp() if started else (run_dir / "config.json").stat().st_mtime
+        return datetime.fromisoformat(started).timestamp()
+    except (TypeError, ValueError):
+        return (run_dir / "config.json").stat().st_mtime
 
 
 def find_latest_run(save_dir: str | Path, model: str, loss: str, data: str) -> Path:
-    """The run of this model/loss/dataset under `save_dir` with a best.pth whose training started last."""
+    """The run of this model/loss/dataset under `save_dir` with a best.pth whose training started last. The folder
+    name only narrows the search ('tiny_' also starts 'tiny_v2_...'): the run's config.json must name the same."""
     prefix = f"{model}_{loss}_{dataset_tag(data)}_"
-    runs = [p for p in Path(save_dir).glob(prefix + "*") if (p / "best.pth").is_file() and (p / "config.json").is_file()]
+    runs = []
+    for path in Path(save_dir).glob(prefix + "*"):
+        saved = _saved_config(path) if (path / "best.pth").is_file() else None
+        if saved and (saved.get("model"), saved.get("loss_function"), dataset_tag(saved.get("data", ""))) == \
+                (model, loss, dataset_tag(data)):
+            runs.append(path)
     if not runs:
         raise CheckpointError(f"No trained run of {model} + {loss} on {dataset_tag(data)} under '{save_dir}' "
                               f"(looked for {prefix}*/best.pth); train one first with the same --model, "
@@ -179,15 +194,24 @@ def predict_split(model, split: Split, config: Mapping[str, Any], runtime: Runti
 
 # ---------------------------------------------------------------- thresholds.json
 
-def save_thresholds(run_dir: Path, vocabulary: list[str], thresholds: torch.Tensor, settings: Mapping[str, Any]) -> dict:
-    """thresholds.json: the latest --evaluate's thresholds in label order, their comparison rule and how they were
-    fitted (method, split, transform, fallback, grid, rare-label options, folds), with the time; returns it."""
+def checkpoint_identity(ckpt: dict) -> dict:
+    """What tells one best.pth from another of the same run (a resumed run may write a new one)."""
+    return {"best_epoch": ckpt["best_epoch"], "best_source": ckpt.get("best_source"),
+            "best_metric": round(float(ckpt["best_metric"]), 8)}
+
+
+def save_thresholds(run_dir: Path, vocabulary: list[str], thresholds: torch.Tensor, settings: Mapping[str, Any],
+                    checkpoint: dict, data: str) -> dict:
+    """thresholds.json: the latest --evaluate's thresholds in label order, their comparison rule, how they were
+    fitted (method, split, transform, fallback, grid, rare-label options, folds), on which dataset, for which best.pth
+    (`checkpoint`: its `checkpoint_identity`), with the time; returns it."""
     record = {"labels": list(vocabulary), "thresholds": [round(float(t), 6) for t in thresholds],
               "compare": settings["threshold_compare"], "method": settings["threshold_method"],
               "split": settings["threshold_split"], "transform": settings["threshold_transform"],
               "fallback": settings["threshold_fallback"], "grid": [round(float(g), 6) for g in settings["grid"]],
               "min_positives": settings["threshold_min_positives"], "shrinkage": settings["threshold_shrinkage"],
-              "folds": settings["folds"] if settings["threshold_split"] == "cv" else None,
+              "folds": settings["folds"] if settings["threshold_split"] == "cv" else None, "data": str(data),
+              "checkpoint": checkpoint,
               "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     atomic_write_json(run_dir / THRESHOLDS_FILE, record)
     return record
@@ -198,20 +222,38 @@ def load_thresholds(run_dir: Path, ckpt: dict) -> dict | None:
     --evaluate (thresholds.json; older versions stored them inside best.pth), or None before any --evaluate."""
     path = run_dir / THRESHOLDS_FILE
     if path.is_file():
-        try:
-            record = json.loads(path.read_text())
-            values = torch.tensor(record["thresholds"], dtype=torch.float32)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"'{path}' is not a thresholds file of this project ({type(e).__name__}); run "
-                                  f"--evaluate --checkpoint {run_dir} again to rewrite it.") from None
-        if record.get("labels") != list(ckpt["vocabulary"]):
-            raise CheckpointError(f"'{path}' lists other labels than the run's best.pth; run --evaluate "
-                                  f"--checkpoint {run_dir} again to rewrite it.")
+        record = _read_thresholds(path, ckpt)
         source = (f"{record['method'].upper()} thresholds fitted on {record['split']} by --evaluate at "
                   f"{record['evaluated']} ({path})")
-        return {"thresholds": values, "compare": record["compare"], "source": source}
+        return {"thresholds": torch.tensor(record["thresholds"], dtype=torch.float32), "compare": record["compare"],
+                "source": source}
     if ckpt.get("thresholds") is not None:
         return {"thresholds": ckpt["thresholds"].float(), "compare": ckpt["threshold_compare"],
                 "source": f"{(ckpt.get('threshold_method') or 'mcc').upper()} thresholds stored in "
                           f"{run_dir / 'best.pth'} by an older --evaluate"}
     return None
+
+
+def _read_thresholds(path: Path, ckpt: dict) -> dict:
+    """thresholds.json checked: every key there, one finite threshold in [0, 1] per label of best.pth in its order,
+    a known rule, and fitted for this best.pth (not one that a resumed run has replaced since)."""
+    fix = f"run --evaluate --checkpoint {path.parent} again to rewrite it"
+    try:
+        record = json.loads(path.read_text())
+        values = torch.tensor(record["thresholds"], dtype=torch.float64)
+        keys = {"labels", "compare", "method", "split", "evaluated"} - set(record)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"'{path}' is not a thresholds file of this project ({type(e).__name__}); {fix}.") from None
+    problem = (f"it lacks {', '.join(sorted(keys))}" if keys else
+               "it lists other labels than the run's best.pth" if record["labels"] != list(ckpt["vocabulary"]) else
+               f"it has {values.numel()} thresholds for {len(ckpt['vocabulary'])} labels"
+               if values.shape != (len(ckpt["vocabulary"]),) else
+               "a threshold is not a number in [0, 1]" if not bool(((values >= 0) & (values <= 1)).all()) else
+               f"its comparison rule '{record['compare']}' is neither ge nor gt" if record["compare"] not in ("ge", "gt")
+               else None)
+    if problem is None and record.get("checkpoint") not in (None, checkpoint_identity(ckpt)):
+        problem = (f"it was fitted for the best.pth of epoch {record['checkpoint']['best_epoch']}, and best.pth is now "
+                   f"epoch {ckpt['best_epoch']} (the run was resumed since)")
+    if problem:
+        raise CheckpointError(f"'{path}' cannot be applied: {problem}; {fix}.")
+    return record

@@ -37,14 +37,16 @@ from engine import BatchPreprocessor, EpochProgress, Precision, evaluate, resolv
 from image_cache import build_cache, channel_statistics
 from models import AnnotationModel, count_trainable_parameters, normalisation
 from recipes import describe
-from runs import data_records, load_config, make_run_dir, save_config
+from runs import data_records, load_config, make_run_dir, run_data, save_config
 from utils import GracefulStop, Interrupted, UserError, check_writable, seed_everything
 
 
 def resume_config(run_dir: str | Path, runtime: Mapping[str, Any]) -> dict:
     """An interrupted run's configuration: its config.json (completed for older runs, runs.load_config) with the
-    resuming command's `runtime` values (config.RUNTIME_KEYS, "progress") on top, and "resume" set."""
-    return {**load_config(run_dir), **runtime, "resume": str(run_dir)}
+    resuming command's `runtime` values (config.RUNTIME_KEYS, "progress") on top, "resume" set, and its dataset
+    where it is now (runs.run_data: the folder it was trained on, from any working directory)."""
+    config = load_config(run_dir)
+    return {**config, **runtime, "resume": str(run_dir), "data": run_data(Path(run_dir), config)}
 
 
 # ---------------------------------------------------------------- 1-2. data and loaders
@@ -256,7 +258,7 @@ def discard_empty_run(run_dir: Path, new_save_dir: bool) -> None:
 
 
 def resume_command(run_dir: Path) -> str:
-    return f"python main.py --resume {shlex.quote(str(run_dir))}"
+    return f"python main.py --resume {shlex.quote(str(run_dir.absolute()))}"
 
 
 # ---------------------------------------------------------------- 5. the epoch loop

@@ -4,6 +4,7 @@ own dataset from any working directory (and after moving together with it), and 
 import hashlib
 import json
 import os
+import re
 import shutil
 from datetime import datetime, timedelta, timezone
 
@@ -42,7 +43,10 @@ def test_the_latest_run_is_the_one_whose_training_started_last_whatever_the_file
     def run(name, minutes=None, best_mtime=0.0, best=True, config_mtime=None):
         folder = tmp_path / name
         folder.mkdir()
-        config = {} if minutes is None else {"started": (start + timedelta(minutes=minutes)).isoformat()}
+        model, loss, data = name.split("_")[:3]
+        config = {"model": model, "loss_function": loss, "data": f"/somewhere/{data}"}
+        if minutes is not None:
+            config["started"] = (start + timedelta(minutes=minutes)).isoformat()
         (folder / "config.json").write_text(json.dumps(config))
         if config_mtime is not None:
             os.utime(folder / "config.json", (config_mtime, config_mtime))
@@ -176,3 +180,114 @@ def test_a_run_finds_its_own_dataset_from_another_working_directory(tmp_path, mo
         runs.run_data(moved / "runs" / run.name, runs.load_config(moved / "runs" / run.name))
     results, _ = evaluate(moved / "runs" / run.name, "--data", str(second / "data" / "tiny"))  # told where: used
     assert results["run"]["split_sizes"]["test"] == 7
+
+
+# ---------------------------------------------------------------- review findings, each pinned
+
+def test_the_folder_name_only_narrows_the_search_and_bad_siblings_are_skipped(tmp_path):
+    def run(name, config, started="2026-01-01T00:00:00+00:00"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config if config is not None else ["x"]))
+        (folder / "best.pth").write_bytes(b"x")
+        return folder
+
+    mine = run("TinyResNet_BCELoss_tiny_a", {"model": "TinyResNet", "loss_function": "BCELoss", "data": "/d/tiny",
+                                             "started": "2026-01-01T00:00:00+00:00"})
+    run("TinyResNet_BCELoss_tiny_v2_b", {"model": "TinyResNet", "loss_function": "BCELoss", "data": "/d/tiny_v2",
+                                         "started": "2026-02-01T00:00:00+00:00"})  # newer, another dataset
+    run("TinyResNet_BCELoss_tiny_c", None)  # config.json is not an object: not a run
+    odd = run("TinyResNet_BCELoss_tiny_d", {"model": "TinyResNet", "loss_function": "BCELoss", "data": "tiny",
+                                            "started": "yesterday"})  # unreadable time: config.json's file time
+    os.utime(odd / "config.json", (0, 0))
+    assert runs.find_latest_run(tmp_path, "TinyResNet", "BCELoss", "/elsewhere/tiny") == mine
+
+
+def _ckpt():
+    return {"vocabulary": ["sky", "sea", "sun"], "best_epoch": 3, "best_source": "model", "best_metric": 0.5,
+            "thresholds": None}
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda r: r.update(thresholds=[0.1, 0.2]), "has 2 thresholds for 3 labels"),
+    (lambda r: r.update(labels=["sea", "sky", "sun"]), "lists other labels"),
+    (lambda r: r.pop("method"), "lacks method"),
+    (lambda r: r.update(compare="lt"), "comparison rule 'lt' is neither ge nor gt"),
+    (lambda r: r.update(thresholds=[0.1, 1.5, 0.2]), "is not a number in [0, 1]"),
+    (lambda r: r.update(checkpoint={"best_epoch": 1, "best_source": "model", "best_metric": 0.4}),
+     "was fitted for the best.pth of epoch 1, and best.pth is now epoch 3"),
+])
+def test_a_thresholds_file_that_does_not_fit_the_checkpoint_is_refused_in_one_sentence(tmp_path, change, problem):
+    record = {"labels": ["sky", "sea", "sun"], "thresholds": [0.1, 0.2, 0.3], "compare": "gt", "method": "f1",
+              "split": "val", "evaluated": "now", "checkpoint": runs.checkpoint_identity(_ckpt())}
+    (tmp_path / "thresholds.json").write_text(json.dumps(record))
+    fitted = runs.load_thresholds(tmp_path, _ckpt())
+    assert fitted["compare"] == "gt" and fitted["source"].startswith("F1 thresholds fitted on val")
+    torch.testing.assert_close(fitted["thresholds"], torch.tensor([0.1, 0.2, 0.3]))
+    change(record)
+    (tmp_path / "thresholds.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"cannot be applied: (it |its |a threshold )?" + re.escape(problem)):
+        runs.load_thresholds(tmp_path, _ckpt())
+
+
+def test_older_thresholds_inside_best_pth_keep_their_rule(tmp_path):
+    fitted = runs.load_thresholds(tmp_path, {**_ckpt(), "thresholds": torch.tensor([0.2, 0.3, 0.4]),
+                                             "threshold_compare": "gt", "threshold_method": "mcc"})
+    assert fitted["compare"] == "gt" and "by an older --evaluate" in fitted["source"]
+    assert runs.load_thresholds(tmp_path, _ckpt()) is None
+
+
+def test_the_absolute_place_wins_and_known_names_resolve_again(tmp_path, monkeypatch):
+    here, there = write_dataset(tmp_path / "here" / "tiny"), write_dataset(tmp_path / "runs" / "tiny")
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir()
+    config = {"data": "tiny", **runs.data_records(run_dir, here)}
+    (there.parent / "r").mkdir(exist_ok=True)
+    config["data_root_from_run"] = "../tiny"  # also a folder that exists: the absolute one still wins
+    assert runs.run_data(run_dir, config) == str(here.resolve())
+    shutil.rmtree(here)
+    assert runs.run_data(run_dir, config) == str(there.resolve())
+    shutil.rmtree(there)
+    monkeypatch.setitem(runs.DATASETS, "tiny", tmp_path / "known")
+    assert runs.run_data(run_dir, config) == "tiny"  # a registered name resolves as at training
+    assert runs.run_data(run_dir, config, "elsewhere") == "elsewhere"  # --data always wins
+
+
+def test_evaluate_records_what_it_fitted_on_and_reads_its_runtime_flags(two_runs, monkeypatch):
+    import components
+
+    run, data = two_runs[0]["A"], two_runs[1]
+    seen = []
+    real = components.eval_loader
+
+    def spy(split, image_size, batch_size, num_workers, *rest, **kwargs):
+        seen.append((batch_size, num_workers))
+        return real(split, image_size, batch_size, num_workers, *rest, **kwargs)
+
+    monkeypatch.setattr(runs, "eval_loader", spy)
+    results, _ = evaluate(run, "--threshold-method", "f1", "--threshold-transform", "train", "--threshold-split",
+                          "train", "--batch-size", "5")
+    assert seen and set(seen) == {(5, 0)}
+    record = json.loads((run / "thresholds.json").read_text())
+    ckpt = torch.load(run / "best.pth", weights_only=True)
+    assert (record["method"], record["transform"], record["split"], record["folds"]) == ("f1", "train", "train", None)
+    assert record["data"] == str(data.resolve()) == results["run"]["evaluated_on"]
+    assert record["checkpoint"] == runs.checkpoint_identity(ckpt)
+
+
+def test_resume_reads_its_own_dataset_and_this_commands_runtime_flags(two_runs, tmp_path, monkeypatch):
+    from trainer import resume_config
+
+    run = two_runs[0]["B"]
+    monkeypatch.chdir(tmp_path)
+    config = resume_config(run, {"num_workers": 3, "device": "cpu", "save_dir": "s", "cache": "none",
+                                 "progress": False})
+    assert config["data"] == str(two_runs[1].resolve())  # not the path as typed, relative to this folder
+    assert (config["num_workers"], config["cache"], config["resume"]) == (3, "none", str(run))
+
+
+def test_folds_without_cross_fitting_are_refused(two_runs, capsys):
+    with pytest.raises(SystemExit):
+        cli(["--evaluate", "--checkpoint", str(two_runs[0]["B"]), "--folds", "3", "--threshold-split", "val",
+             "--num-workers", "0", "--no-progress"])
+    assert "--folds applies to --threshold-split cv" in capsys.readouterr().err
