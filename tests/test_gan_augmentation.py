@@ -16,6 +16,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch import nn
 
+from distributed import World
 from DataAugmentation import cli
 from DataAugmentation.files import fakes_to_images, load_real_image, output_names
 from DataAugmentation.models import GanConfig, GroupedCritic, GroupedGenerator, init_group_, upsampling_stages
@@ -485,3 +486,29 @@ def test_the_shares_are_balanced_and_cover_every_image_once():
     pending = list(range(11))
     shares = [cli.share(pending, World(rank, 3, rank)) for rank in range(3)]
     assert sorted(sum(shares, [])) == pending and [len(s) for s in shares] == [4, 4, 3]
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0), (2, 0, 1), (0, 2, 1)])
+def test_the_last_process_to_finish_writes_the_complete_train_aug_json_whatever_its_rank(five_images, tmp_path,
+                                                                                          monkeypatch, order):
+    """Every rank plans at the start (as under torchrun), then the ranks finish in the order the test chooses: the
+    last finisher, rank 0 or not, leaves train_aug.json listing every image, as one process would."""
+    import shutil
+
+    alone = tmp_path / "alone"
+    shutil.copytree(five_images, alone)
+    augment(alone)
+    world_size, jobs = len(order), {}
+    args = cli.get_args_parser().parse_args(["--data", str(five_images), "--iterations", "3", "--size", "16x24",
+                                             "--device", "cpu", "--no-progress"])
+    for rank in range(world_size):  # every process plans before any finishes
+        jobs[rank] = cli.plan(args, World(rank, world_size))
+    assert sorted(s["image_name"] for j in jobs.values() for s in j.mine) == [f"{i}.jpeg" for i in range(5)]
+    for position, rank in enumerate(order):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        monkeypatch.setattr(cli, "plan", lambda args, world: jobs[world.rank])
+        summary = cli.run(args)
+        assert summary["complete"] is (position == world_size - 1)
+    listed = json.loads((five_images / "train_aug.json").read_text())["samples"]
+    assert len(listed) == 15 and (five_images / "train_aug.json").read_text() == (alone / "train_aug.json").read_text()

@@ -112,6 +112,33 @@ def test_the_stratified_split_keeps_every_label_with_two_images_on_both_sides():
     assert not np.array_equal(test, importer.stratified_split(y, 0.2, seed=4))
 
 
+def test_the_command_keeps_labels_of_two_three_and_four_images_on_both_sides_and_says_so(tmp_path):
+    """End to end: a source whose rare labels have 2, 3 and 4 images goes through importer.main; every label with at
+    least 2 images is in both train.json and test.json, counted from the files, and summary.json lists none as
+    one-sided."""
+    rows, rng = ["file,tags"], np.random.default_rng(5)
+    rare = {"kite": 2, "owl": 3, "fox": 4, "eel": 2, "yak": 3}
+    holders = {label: set(rng.choice(60, n, replace=False).tolist()) for label, n in rare.items()}
+    for i in range(60):
+        labels = [LABELS[i % 5], LABELS[(i * 7) % 5]] + [label for label, images in holders.items() if i in images]
+        draw(tmp_path / "pics" / f"{i}.jpg", [label for label in labels if label in LABELS])
+        rows.append(f"pics/{i}.jpg,{' '.join(dict.fromkeys(labels))}")
+    (tmp_path / "photos.csv").write_text("\n".join(rows) + "\n")
+    assert importer.main([str(tmp_path / "photos.csv"), str(tmp_path / "mine"), "--test-size", "0.2",
+                          "--no-progress"]) == 0
+    sides = {}
+    for split in ("train", "test"):
+        for sample in json.loads((tmp_path / "mine" / f"{split}.json").read_text())["samples"]:
+            for label in sample["image_labels"]:
+                sides.setdefault(label, Counter())[split] += 1
+    assert {label: sum(sides[label].values()) for label in rare} == rare  # the fixture's rare labels, as planted
+    for label, count in sides.items():
+        assert count["train"] >= 1 and count["test"] >= 1, (label, count)
+    summary = json.loads((tmp_path / "mine" / "summary.json").read_text())
+    assert summary["one_sided_labels"] == [] and summary["test"] == sum(
+        1 for _ in json.loads((tmp_path / "mine" / "test.json").read_text())["samples"])
+
+
 def test_a_source_split_column_is_kept(tmp_path):
     source = csv_source(tmp_path, n=10)
     text = source.read_text().splitlines()

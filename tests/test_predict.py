@@ -92,8 +92,12 @@ def test_an_interrupted_folder_run_keeps_its_rows_and_resumes_with_the_rest(eval
         tag(run, data / "images", tmp_path / "part", "--top-k", "2")
     resumed = tag(run, data / "images", tmp_path / "part", "--batch-size", "8")
     assert resumed == complete and not (tmp_path / "part.partial.json").exists()
+    folder = sorted(str(p) for p in (data / "images").iterdir())  # counted from the folder, not from the tagger
+    assert len(folder) == 34
     with (tmp_path / "part.csv").open() as f:
-        assert sorted(r["image"] for r in csv.DictReader(f)) == sorted(r["image"] for r in complete)
+        tagged = [r["image"] for r in csv.DictReader(f)]
+    assert sorted(tagged) == folder  # every image of the folder, each exactly once, after the resume
+    assert [r["image"] for r in resumed] == folder and [r["image"] for r in complete] == folder
     assert json.loads((tmp_path / "part.json").read_text()) == complete
 
 

@@ -228,3 +228,54 @@ def test_top_k_and_ranking_blocks_are_recomputed_from_the_saved_predictions(run)
     assert results["ranking"]["ranking/loss"] == pytest.approx(label_ranking_loss(y, p), rel=1e-9)
     rows = _markdown_rows((run_dir / "results.md").read_text())
     assert rows["top-2"][5] == f"{results['top_k']['per_class/f1']:.4f}"
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    """A --recipe study run (p > t) whose head says exactly p = 0.5 for 'sky' and 'sun': with the 0.5 fallback those
+    labels sit on their thresholds, where only the comparison rule decides."""
+    import torch
+
+    root = write_dataset(tmp_path_factory.mktemp("data") / "tiny", n_train=40, n_test=16, labels=LABELS, seed=4)
+    save = tmp_path_factory.mktemp("runs")
+    cli(train_args(root, save, "--recipe", "study", "--epochs", "2"))
+    (run_dir,) = run_dirs(save)
+    ckpt = torch.load(run_dir / "best.pth", weights_only=True)
+    for key in ("head.1.weight", "head.1.bias"):
+        ckpt["model"][key][:2] = 0
+    torch.save(ckpt, run_dir / "best.pth")
+    return run_dir, root
+
+
+def test_every_per_label_cell_of_a_study_run_is_recomputed_with_the_strict_rule(study_run):
+    run_dir, root = study_run
+    results, saved = evaluate(run_dir, "--threshold-fallback", "default")
+    assert results["run"]["threshold_compare"] == "gt" and results["run"]["recipe"]["recipe"] == "study"
+    y, p, t = saved["test_targets"].astype(int), saved["test_probs"], saved["thresholds"]
+    assert (p[:, :2] == np.float32(0.5)).all() and (t[:2] == np.float32(0.5)).all()  # the ties
+    assert y[:, :2].sum(0).min() > 0  # ... on labels the test set has
+    train = json.loads((root / "train.json").read_text())["samples"]  # the study trains on all of train.json
+    ranked = np.zeros_like(y, dtype=bool)
+    ranked[np.arange(len(p))[:, None], np.argsort(-p, axis=1, kind="stable")[:, :5]] = True  # top 5, ties to the first
+    with (run_dir / "per_label.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for c, row in enumerate(rows):
+        pred = p[:, c] > t[c]
+        expected = {"label": LABELS[c], "train_frequency": sum(LABELS[c] in s["image_labels"] for s in train),
+                    "train_gan_copies": 0, "test_frequency": int(y[:, c].sum()), "threshold": float(t[c])}
+        for prefix, chosen in (("", pred), ("top5_", ranked[:, c])):
+            tp = int((chosen & (y[:, c] == 1)).sum())
+            precision = tp / chosen.sum() if chosen.sum() else 0.0
+            recall = tp / y[:, c].sum() if y[:, c].sum() else 0.0
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            expected.update({f"{prefix}precision": precision, f"{prefix}recall": recall, f"{prefix}f1": f1})
+        ap = average_precision_score(y[:, c], p[:, c]) if y[:, c].any() else math.nan
+        assert list(row) == list(expected)[:5] + ["precision", "recall", "f1", "ap", "top5_precision",
+                                                  "top5_recall", "top5_f1"]
+        for key, value in expected.items():
+            if isinstance(value, str):
+                assert row[key] == value
+            else:
+                assert float(row[key]) == pytest.approx(value, abs=5e-5), (LABELS[c], key)
+        assert (row["ap"] == "" and math.isnan(ap)) or float(row["ap"]) == pytest.approx(ap, abs=5e-5)
+    assert all(float(rows[c]["recall"]) == 0.0 for c in (0, 1))  # p = t = 0.5 is not p > t
