@@ -79,6 +79,13 @@ def loss_from_config(config: Mapping[str, Any]):
                        detach_focusing=config["detach_focusing"], eps=config["loss_eps"])
 
 
+def apply_cudnn(config: Mapping[str, Any]) -> None:
+    """The run's cuDNN settings, process-wide (--cudnn-deterministic, --cudnn-benchmark; the study's main.py sets
+    deterministic on and benchmark off before training and before evaluating)."""
+    torch.backends.cudnn.deterministic = bool(config["cudnn_deterministic"])
+    torch.backends.cudnn.benchmark = bool(config["cudnn_benchmark"])
+
+
 def training_flips(config: Mapping[str, Any], num_images: int, epoch: int) -> torch.Tensor | None:
     """The epoch's (N, 2) flips under --flip / --vertical-flip, or None when both are off."""
     if not (config["flip"] or config["vertical_flip"]):

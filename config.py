@@ -34,7 +34,8 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     # training
     "epochs": None, "schedule_epochs": None, "batch_size": 32, "learning_rate": 1e-4, "seed": None, "flip": None,
     "vertical_flip": None, "randaugment": False, "cutout": 0.0, "optimizer": "adam", "weight_decay": 0.0,
-    "ema": False, "ema_decay": 0.9997, "device": "auto", "amp": "auto", "channels_last": "auto", "compile": False,
+    "ema": False, "ema_decay": 0.9997, "device": "auto", "amp": None, "channels_last": None, "compile": False,
+    "cudnn_deterministic": None, "cudnn_benchmark": None, "selection_start": None,
     "sync_bn": False, "save_dir": "runs", "run_name": None,
     # the run's own thresholding (its recipe's; --evaluate may override each)
     "threshold_split": None, "threshold_transform": None, "threshold_fallback": None, "threshold_compare": None,
@@ -68,7 +69,7 @@ class Runtime:
     device: str = TRAINING_DEFAULTS["device"]
     batch_size: int = TRAINING_DEFAULTS["batch_size"]
     num_workers: int = TRAINING_DEFAULTS["num_workers"]
-    amp: str = TRAINING_DEFAULTS["amp"]
-    channels_last: str = TRAINING_DEFAULTS["channels_last"]
+    amp: str | None = None  # None: the run's own precision (its --amp / --channels-last, its recipe's)
+    channels_last: str | None = None
     progress: bool = True
     skip_bad_images: bool = TRAINING_DEFAULTS["skip_bad_images"]

@@ -39,7 +39,8 @@ def fold_predictions(fold_dir: Path, rows: list[int], data: DatasetSplits, runti
     device = get_device(runtime.device)
     model, ckpt, config = load_run(fold_dir, None, device)
     split = data.train.subset(rows, "fold")
-    out = predict_split(model, split, config, runtime, World(), device, run_preprocessor(model, ckpt, runtime, device))
+    out = predict_split(model, split, config, runtime, World(), device,
+                        run_preprocessor(model, ckpt, runtime, device, config))
     return {"probs": out["probs"], "targets": out["targets"], "rows": torch.tensor(rows)[out["indices"]]}
 
 

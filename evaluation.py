@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from checkpoint import check_vocabulary
-from components import load_data, training_flips
+from components import apply_cudnn, load_data, training_flips
 from config import Runtime
 from crossfit import out_of_fold
 from dataset import DatasetSplits
@@ -168,11 +168,12 @@ def load_for_evaluation(run_dir: Path, runtime: Runtime, data: str | None, model
     vocabulary checked, and the inputs' preprocessing."""
     world, device = init_distributed(get_device(runtime.device))
     model, ckpt, config = load_run(run_dir, model_name, device)
+    apply_cudnn(config)
     source = run_data(run_dir, config, data)
     splits = load_data(source, config, skip_bad_images(runtime, config), world)
     check_vocabulary(ckpt["vocabulary"], splits.vocabulary, run_dir / "best.pth")
     return Loaded(run_dir, model, ckpt, config, splits, source, device, world,
-                  run_preprocessor(model, ckpt, runtime, device), runtime)
+                  run_preprocessor(model, ckpt, runtime, device, config), runtime)
 
 
 def evaluate_run(run_dir: Path, options: EvaluationOptions, runtime: Runtime, data: str | None = None,

@@ -54,7 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights-tag", metavar="TAG",
                    help="[recipe] which of timm's pretrained weights (e.g. tv_in1k, miil_in1k); default recipe: timm's "
                         "default tag; study: the weights its code loaded (ResNets tv_in1k, Xception tf_in1k, TResNet "
-                        "miil_in1k)"),
+                        "miil_in21k_ft_in1k, the 2022 tresnet_m default)"),
     g.add_argument("--head", choices=list(HEADS),
                    help="classifier head: fc = the study's Dropout + Linear; gcn = ML-GCN (Chen et al., CVPR 2019), a "
                         "2-layer GCN over the training labels' co-occurrence graph gives each label's classifier; "
@@ -146,9 +146,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, help="EMA decay per step")
     g.add_argument("--device", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1 ...")
     g.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"],
-                   help="mixed precision: auto = bf16 (or fp16) on CUDA, none on CPU")
+                   help="[recipe] mixed precision: auto = bf16 (or fp16) on CUDA, none on CPU (default recipe: auto; "
+                        "study: none, fp32 as its code). --evaluate/--predict: the run's unless given")
     g.add_argument("--channels-last", choices=["auto", "on", "off"],
-                   help="channels_last memory format: auto = on for CUDA, off for CPU")
+                   help="[recipe] channels_last memory format: auto = on for CUDA, off for CPU (default recipe: auto; "
+                        "study: off). --evaluate/--predict: the run's unless given")
+    g.add_argument("--cudnn-deterministic", action=BOOL,
+                   help="[recipe] torch.backends.cudnn.deterministic (default recipe: off, torch's default; study: on)")
+    g.add_argument("--cudnn-benchmark", action=BOOL,
+                   help="[recipe] torch.backends.cudnn.benchmark (both recipes: off, the study's setting)")
+    g.add_argument("--selection-start", type=float, metavar="F1",
+                   help="[recipe] the validation per-class F1 an epoch must beat to become best.pth (default recipe: "
+                        "-1, so the first epoch always does; study: 0, its best_f1_score = 0)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     g.add_argument("--sync-bn", action="store_true", help="under torchrun: synchronise BatchNorm statistics across processes")
 

@@ -89,7 +89,7 @@ def run_predictor(run_dir: Path, model_name: str | None, runtime: Runtime) -> Pr
         fitted = {"thresholds": torch.full((len(ckpt["vocabulary"]),), 0.5), "compare": config["threshold_compare"]}
     else:
         print(f"Thresholds: {fitted['source']}.", flush=True)
-    preprocess = run_preprocessor(model, ckpt, runtime, device)
+    preprocess = run_preprocessor(model, ckpt, runtime, device, config)
 
     def score(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), preprocess.precision.autocast(device):

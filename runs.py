@@ -169,11 +169,14 @@ def run_normalisation(model, ckpt: dict) -> dict:
     return ckpt["normalisation"] or dict(zip(("mean", "std"), normalisation(model)))
 
 
-def run_preprocessor(model, ckpt: dict, runtime: Runtime, device: torch.device) -> BatchPreprocessor:
-    """The inputs' normalisation the run trained with (`run_normalisation`), at the runtime's precision."""
+def run_preprocessor(model, ckpt: dict, runtime: Runtime, device: torch.device,
+                     config: Mapping[str, Any]) -> BatchPreprocessor:
+    """The inputs' normalisation the run trained with (`run_normalisation`), at the runtime's precision, or the run's
+    own (its --amp / --channels-last: fp32 NCHW for a study run) where the command gives none."""
     stats = run_normalisation(model, ckpt)
-    return BatchPreprocessor(stats["mean"], stats["std"], device,
-                             resolve_precision(runtime.amp, runtime.channels_last, device))
+    precision = resolve_precision(runtime.amp or config["amp"], runtime.channels_last or config["channels_last"],
+                                  device)
+    return BatchPreprocessor(stats["mean"], stats["std"], device, precision)
 
 
 def skip_bad_images(runtime: Runtime, config: Mapping[str, Any]) -> bool:

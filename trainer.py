@@ -30,7 +30,8 @@ from torch import nn
 from augment import TrainAugmentation, make_train_augmentation
 from checkpoint import (CSVLogger, check_vocabulary, load_checkpoint, restore_training_state, save_checkpoint,
                         training_state)
-from components import eval_loader, first_few, load_data, loss_from_config, model_from_config, training_flips
+from components import (apply_cudnn, eval_loader, first_few, load_data, loss_from_config, model_from_config,
+                        training_flips)
 from dataset import COREL5K_STATISTICS, AnnotationDataset, DatasetSplits, make_loader
 from distributed import World, broadcast_object, get_device, init_distributed, say, sum_across_ranks
 from engine import BatchPreprocessor, EpochProgress, Precision, evaluate, resolve_precision, train_one_epoch
@@ -227,7 +228,7 @@ def start_run(config: Mapping[str, Any], data: DatasetSplits, world: World) -> t
     run_dir = Path(broadcast_object(str(run_dir)))
     say(f"Run directory: {run_dir}")
     return ({**config, "run_dir": str(run_dir), "world_size": world.world_size},
-            RunState(run_dir, new_save_dir=new_save_dir))
+            RunState(run_dir, best=config["selection_start"], new_save_dir=new_save_dir))
 
 
 def resume_run(config: Mapping[str, Any], parts: Parts, vocabulary: list[str]) -> RunState:
@@ -375,7 +376,9 @@ def train(config: Mapping[str, Any]) -> Path:
     world, device = init_distributed(get_device(config["device"]))
     if world.is_main:
         check_writable(config["resume"] or config["save_dir"], "give --save-dir a folder you can write to")
+    say(f"Recipe {config['recipe']}: " + "; ".join(f"{row}: {value}" for row, value in describe(config)[1:]))
     precision = resolve_precision(config["amp"], config["channels_last"], device)
+    apply_cudnn(config)
     data = load_data(config["data"], config, config["skip_bad_images"], world)
     if data.protocol == "study":
         say("Protocol: --select-on-test, the study's original protocol: the best epoch is chosen on the TEST set, "
@@ -389,8 +392,7 @@ def train(config: Mapping[str, Any]) -> Path:
     say(f"{config['model']} ({count_trainable_parameters(parts.model):,} trainable parameters) + "
         f"{config['loss_function']} on {device} ({'fp32' if precision.amp_dtype is None else precision.amp_dtype}, "
         f"{'channels_last' if precision.channels_last else 'NCHW'}); splits {data.sizes()}")
-    say(f"Recipe {config['recipe']}: " + "; ".join(f"{row}: {value}" for row, value in describe(config)[1:])
-        + f"; inputs normalised with mean {parts.normalisation['mean']}, std {parts.normalisation['std']}")
+    say(f"Inputs normalised with mean {parts.normalisation['mean']}, std {parts.normalisation['std']}.")
     try:
         run_epochs(parts, loaders, data, config, state, world)
     except UserError:

@@ -25,8 +25,8 @@ from dataset import DatasetError, read_annotations, resolve_data_root
 from distributed import World, get_device, launch_world
 from utils import ArgumentParser, DefaultsHelpFormatter, UserError
 
-from .files import (AUG_DIR, AUG_JSON, check_output_names, finished_images, load_real_image, save_outputs,
-                    write_train_aug)
+from .files import (AUG_DIR, AUG_JSON, ENCODINGS, check_output_names, finished_images, load_real_image,
+                    save_outputs, write_train_aug)
 from .models import GanConfig
 from .train import BACKENDS, N_OUTPUTS, image_seed, train_images
 
@@ -83,6 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", default="none", choices=["none", "bf16"],
                         help="bf16 autocast for the convolutions (penalty norm and losses stay fp32); fp16 is not "
                              "offered: without hand-made scaling the penalty's inner gradient can underflow")
+    parser.add_argument("--encoding", default="default", choices=sorted(ENCODINGS),
+                        help="how the fakes are written: default = JPEG quality 95 of round(255 v); study = the "
+                             "study's plt.imsave: JPEG quality 75 of floor(255 v), the same bytes as its call")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
@@ -181,7 +184,7 @@ def train_share(job: Job, args: argparse.Namespace, cfg: GanConfig, device: torc
             fakes_k = train_images(real, [image_seed(args.seed, n) for n in names], cfg, args.iterations, backend,
                                    device=device, precision="bf16" if args.amp == "bf16" else "fp32", on_progress=show)
             for name, fakes in zip(names, fakes_k):
-                save_outputs(job.root / AUG_DIR, name, fakes)
+                save_outputs(job.root / AUG_DIR, name, fakes, args.encoding)
             job.done.update(names)
             if world.is_main:
                 job.write_json()

@@ -33,7 +33,11 @@ AUG_JSON = "train_aug.json"
 SUFFIXES = ("_aug", "_aug_hor_flip", "_aug_rot_90")
 # The study crops 122 x 186 out of its 128 x 192 (landscape) images before resizing back to 128 x 192.
 CROP_FRACTION = (122 / 128, 186 / 192)
-JPEG_QUALITY = 95
+# How a fake becomes a JPEG file. default: pixel round(255 * clamp((x + 1) / 2, 0, 1)), quality 95. study: the study's
+# `plt.imsave(path.jpeg, x / 2 + 0.5)` (augmentation/data_augmentation.py lines 163-185): matplotlib multiplies the
+# float32 image by 255 and truncates to uint8 (floor), and Pillow saves it with its default quality, 75, and
+# matplotlib's 100 dpi; the same bytes as matplotlib's own call (tested).
+ENCODINGS = {"default": {"quality": 95}, "study": {"quality": 75, "dpi": (100, 100)}}
 
 
 def output_names(image_name: str) -> tuple[str, str, str]:
@@ -66,24 +70,32 @@ def load_real_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def fakes_to_images(fakes: torch.Tensor) -> list[Image.Image]:
-    """Three fakes (3, 3, H, W) in [-1, 1] -> the three output images: as is, flipped left-right, rotated clockwise.
+def fake_pixels(fakes: torch.Tensor, encoding: str = "default") -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) of fakes in [-1, 1]: round(255 * clamp((x + 1) / 2, 0, 1)), or under the study's
+    encoding floor(255 * (x / 2 + 0.5)) in float32, as matplotlib computes it (a tanh output stays in [0, 1])."""
+    x = fakes.detach().float().cpu()
+    if encoding == "study":
+        return torch.floor((x / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8)
+    return ((x + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
 
-    Pixel value round(255 * clamp((x + 1) / 2, 0, 1)).
-    """
-    pixels = ((fakes.detach().float().cpu() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)  # (3, 3, H, W)
+
+def fakes_to_images(fakes: torch.Tensor, encoding: str = "default") -> list[Image.Image]:
+    """Three fakes (3, 3, H, W) in [-1, 1] -> the three output images: as is, flipped left-right, rotated clockwise,
+    with the pixels of `fake_pixels`."""
+    pixels = fake_pixels(fakes, encoding)  # (3, 3, H, W)
     views = [pixels[0],
              pixels[1].flip(-1),  # horizontal flip: reverse the columns
              torch.rot90(pixels[2], k=-1, dims=(1, 2))]  # 90 degrees clockwise: (3, W, H)
     return [Image.fromarray(v.permute(1, 2, 0).contiguous().numpy()) for v in views]
 
 
-def save_outputs(aug_dir: Path, image_name: str, fakes: torch.Tensor) -> list[Path]:
-    """Write the three outputs of one image into `aug_dir`, each atomically (temporary file + os.replace)."""
+def save_outputs(aug_dir: Path, image_name: str, fakes: torch.Tensor, encoding: str = "default") -> list[Path]:
+    """Write the three outputs of one image into `aug_dir` as JPEG files (ENCODINGS), each atomically (temporary
+    file + os.replace)."""
     paths = []
-    for name, image in zip(output_names(image_name), fakes_to_images(fakes)):
+    for name, image in zip(output_names(image_name), fakes_to_images(fakes, encoding)):
         buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        image.save(buffer, format="JPEG", **ENCODINGS[encoding])
         paths.append(atomic_write_bytes(aug_dir / name, buffer.getvalue()))
     return paths
 

@@ -72,3 +72,14 @@ def evaluate(run_dir: Path, *flags) -> tuple[dict, dict]:
     cli(["--evaluate", "--checkpoint", str(run_dir), "--num-workers", "0", "--no-progress", *flags])
     saved = np.load(run_dir / "evaluation.npz")
     return json.loads((run_dir / "results.json").read_text()), {k: saved[k] for k in saved.files}
+
+
+# Fixtures that train a classifier: the tests using them are end-to-end ("slow"), left out of the mutation check,
+# whose mutants each rerun the tests that reach them (setup.cfg: -m "not slow").
+TRAINING_FIXTURES = {"evaluated_run", "run", "planted", "two_runs", "world", "study_run"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

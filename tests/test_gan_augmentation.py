@@ -453,6 +453,7 @@ def five_images(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_files_of_one_and_resume_with_any_count(five_images, tmp_path_factory):
     import shutil
 
@@ -512,3 +513,31 @@ def test_the_last_process_to_finish_writes_the_complete_train_aug_json_whatever_
         assert summary["complete"] is (position == world_size - 1)
     listed = json.loads((five_images / "train_aug.json").read_text())["samples"]
     assert len(listed) == 15 and (five_images / "train_aug.json").read_text() == (alone / "train_aug.json").read_text()
+
+
+def test_the_study_encoding_writes_what_the_studys_plt_imsave_wrote(tmp_path):
+    """--encoding study: each file equals, byte for byte, matplotlib's plt.imsave of x / 2 + 0.5 (the study's call),
+    and decodes as Pillow's quality-75 JPEG of floor(255 v) made here independently."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from DataAugmentation.files import save_outputs
+
+    fakes = torch.tanh(torch.randn(3, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2)  # (3, 3, H, W)
+    fakes[0, 0, 0, :3] = torch.tensor([-1.0, 1.0, 0.0])  # the ends of the range, and a value on a pixel boundary
+    paths = save_outputs(tmp_path, "7.jpeg", fakes, "study")
+    views = [fakes[0], fakes[1].flip(-1), torch.rot90(fakes[2], k=-1, dims=(1, 2))]  # the study's three views
+    for path, view in zip(paths, views):
+        v = (view / 2 + 0.5).permute(1, 2, 0).numpy()  # (H, W, 3) float32, the study's img
+        reference = io.BytesIO()
+        plt.imsave(reference, v, format="jpeg")
+        assert path.read_bytes() == reference.getvalue(), path.name
+        independent = io.BytesIO()
+        Image.fromarray(np.floor(v * np.float32(255)).astype(np.uint8)).save(independent, "JPEG", quality=75)
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(independent)))
+    default = save_outputs(tmp_path / "default", "7.jpeg", fakes)
+    assert default[0].read_bytes() != paths[0].read_bytes()  # quality 95 of rounded pixels is another file

@@ -55,6 +55,7 @@ def folder_source(root, n=40):
     return root / "classes"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make, kind", [(csv_source, "csv"), (tag_source, "tags"), (folder_source, "folders")])
 def test_each_kind_of_source_imports_trains_and_evaluates(tmp_path, make, kind):
     source = make(tmp_path)
@@ -314,6 +315,7 @@ def test_an_existing_dataset_is_never_overwritten(tmp_path, capsys):
     assert (tmp_path / "mine" / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_an_imported_folder_takes_the_gan_augmentation(tmp_path):
     from DataAugmentation import cli as gan_cli
 

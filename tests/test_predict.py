@@ -131,6 +131,7 @@ def test_an_exported_onnx_file_tags_like_the_pytorch_model(evaluated_run, tmp_pa
         assert [x["score"] for x in a["labels"]] == pytest.approx([x["score"] for x in b["labels"]], abs=2e-4)
 
 
+@pytest.mark.slow
 def test_tagging_with_an_onnx_file_loads_neither_timm_nor_the_training_code(evaluated_run, tmp_path):
     pytest.importorskip("onnxruntime")
     run, data = evaluated_run
@@ -146,6 +147,7 @@ def test_tagging_with_an_onnx_file_loads_neither_timm_nor_the_training_code(eval
     assert done.stdout.strip().splitlines()[-1] == "34 []"
 
 
+@pytest.mark.slow
 def test_tagging_with_a_run_directory_loads_neither_the_training_code_nor_the_report(evaluated_run, tmp_path):
     run, data = evaluated_run
     script = (

@@ -22,11 +22,25 @@ def test_the_study_recipe_sets_every_row_of_the_table():
     config = parsed("--recipe", "study")
     assert {k: config[k] for k in STUDY} == STUDY
     assert config["loss_reduction"] == "mean-all" and config["normalise"] == ["corel5k"]
-    assert config["weights_tag"] == "miil_in1k"
+    assert config["weights_tag"] == "miil_in21k_ft_in1k"  # the 2022 tresnet_m default: 83.1 %, 21K-P fine-tuned
+    # fp32 NCHW and the study's cuDNN settings (main.py lines 47-48), model selection from 0 (engine.py line 54)
+    assert (config["amp"], config["channels_last"], config["cudnn_deterministic"], config["cudnn_benchmark"],
+            config["selection_start"]) == ("none", "off", True, False, 0.0)
+    from engine import Precision, resolve_precision
+    import torch
+
+    assert resolve_precision(config["amp"], config["channels_last"], torch.device("cuda")) == Precision(None, False)
+
+
+def test_the_default_recipe_keeps_its_own_precision_and_cudnn_settings():
+    config = parsed()
+    assert (config["amp"], config["channels_last"], config["cudnn_deterministic"], config["cudnn_benchmark"],
+            config["selection_start"]) == ("auto", "auto", False, False, -1.0)
+    assert parsed("--recipe", "study", "--amp", "bf16")["amp"] == "bf16"  # a flag given wins
 
 
 @pytest.mark.parametrize("model, tag", [("ResNet101", "tv_in1k"), ("ResNeXt50", "tv_in1k"), ("Xception", "tf_in1k"),
-                                        ("TResNet", "miil_in1k"), ("TinyResNet", "r160_in1k")])
+                                        ("TResNet", "miil_in21k_ft_in1k"), ("TinyResNet", "r160_in1k")])
 def test_the_study_recipe_loads_the_weights_the_study_loaded(model, tag):
     assert parsed("--recipe", "study", model=model)["weights_tag"] == tag
 
@@ -74,3 +88,41 @@ def test_resolution_is_idempotent_and_every_recipe_flag_defaults_to_none():
 def test_a_schedule_shorter_than_the_training_is_refused():
     with pytest.raises(UserError, match="--schedule-epochs 3 is shorter than --epochs 4"):
         parsed("--epochs", "4", "--schedule-epochs", "3")
+
+
+def test_describe_says_every_choice_in_words_for_both_recipes():
+    from recipes import describe
+
+    study = dict(describe(parsed("--recipe", "study")))
+    assert study == {
+        "recipe": "study",
+        "loss reduction": "mean over all images x labels (AsymmetricLoss, --loss-reduction mean-all)",
+        "focusing weights": "not detached", "log of probabilities": "log(max(p, 1e-08))",
+        "flips": "horizontal and vertical", "normalisation": "corel5k",
+        "schedule": "OneCycleLR over 80 epochs, trained 60", "weights": "tresnet_m.miil_in21k_ft_in1k",
+        "precision": "fp32, NCHW (--amp none --channels-last off)", "cuDNN": "deterministic on, benchmark off",
+        "data order": "seed 1, shuffled once (scikit-learn, random_state 0), last partial batch kept",
+        "thresholds": "fitted on train (train transform), fallback first, predict p > t, metric epsilon 1e-07",
+        "model selection": "test set (every epoch); an epoch becomes best.pth when its per-class F1 beats 0 and every "
+                           "earlier epoch's"}
+    default = dict(describe(parsed("--loss-function", "LSEPLoss", "--no-flip", "--epochs", "3")))
+    assert default == {
+        "recipe": "default",
+        "loss reduction": "sum over images and labels (LSEPLoss, --loss-reduction sum)",
+        "focusing weights": "not applicable", "log of probabilities": "not applicable", "flips": "none",
+        "normalisation": "backbone", "schedule": "OneCycleLR over 3 epochs, trained 3",
+        "weights": "tresnet_m.miil_in21k_ft_in1k",
+        "precision": "bf16 autocast on CUDA (fp16 without bf16), fp32 on CPU, channels_last on CUDA, NCHW on CPU (--amp auto "
+                     "--channels-last auto)",
+        "cuDNN": "deterministic off, benchmark off", "data order": "seed 0, last partial batch dropped",
+        "thresholds": "fitted on train+val (eval transform), fallback default, predict p >= t, metric epsilon 0",
+        "model selection": "validation split; an epoch becomes best.pth when its per-class F1 beats -1 and every "
+                           "earlier epoch's"}
+    assert dict(describe(parsed("--loss-reduction", "mean", "--loss-eps", "0")))["loss reduction"] == \
+        "mean over images of the per-image sum (AsymmetricLoss, --loss-reduction mean)"
+    assert dict(describe(parsed()))["focusing weights"] == "detached (constants for the gradient)"
+    assert dict(describe(parsed()))["log of probabilities"] == "exact log-sigmoid"
+    assert dict(describe(parsed("--no-pretrained")))["weights"] == \
+        "tresnet_m.miil_in21k_ft_in1k, not loaded (--no-pretrained)"
+    assert dict(describe(parsed("--weights", "w.pth")))["weights"] == "the file --weights w.pth"
+    assert dict(describe(parsed("--vertical-flip", "--no-flip")))["flips"] == "vertical"

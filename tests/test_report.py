@@ -156,7 +156,8 @@ def test_a_study_run_states_its_recipe_in_results_md(tiny_dataset, tmp_path):
     for row in ("Recipe: study", "| loss reduction | mean over all images x labels", "| focusing weights | not detached",
                 "| log of probabilities | log(max(p, 1e-08))", "| flips | horizontal and vertical",
                 "| normalisation | dataset", "| schedule | OneCycleLR over 2.66667 epochs, trained 2",
-                "| weights tag | none (--no-pretrained)", "seed 1, shuffled once (scikit-learn, random_state 0), last partial batch kept",
+                "| weights | test_resnet.r160_in1k, not loaded (--no-pretrained)", "| precision | fp32, NCHW",
+                "| cuDNN | deterministic on, benchmark off", "seed 1, shuffled once (scikit-learn, random_state 0), last partial batch kept",
                 "fitted on train (train transform), fallback first, predict p > t, metric epsilon 1e-07",
                 "| model selection | test set (every epoch)", "| input mean / std |"):
         assert row in text, row

@@ -387,3 +387,27 @@ def test_default_inputs_are_normalised_with_the_backbones_own_statistics(name, t
     assert mean == pytest.approx(list(reference["mean"])) and std == pytest.approx(list(reference["std"]))
     assert trainer.input_normalisation({**config, "normalise": ["corel5k"], "augmentation": True}, None, None, None,
                                        trainer.World()) == ([0.4249, 0.4365, 0.3926], [0.1955, 0.1830, 0.1987])
+
+
+def test_a_study_run_says_and_saves_the_studys_weights_fp32_and_cudnn_settings(tiny_dataset, tmp_path, capsys):
+    """TResNet under --recipe study: the first line of the run and its config.json name the weights the study loaded
+    (tresnet_m.miil_in21k_ft_in1k), fp32 NCHW and the study's cuDNN settings, which the run applies."""
+    cudnn = torch.backends.cudnn
+    before = (cudnn.deterministic, cudnn.benchmark)
+    try:
+        cli(["--data", str(tiny_dataset), "--model", "TResNet", "--no-pretrained", "--recipe", "study", "--image-size",
+             "32", "--epochs", "1", "--batch-size", "8", "--num-workers", "0", "--no-progress", "--save-dir",
+             str(tmp_path / "runs")])
+        assert (cudnn.deterministic, cudnn.benchmark) == (True, False)
+    finally:
+        cudnn.deterministic, cudnn.benchmark = before
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("Recipe study: ")
+    for said in ("weights: tresnet_m.miil_in21k_ft_in1k, not loaded (--no-pretrained)",
+                 "precision: fp32, NCHW (--amp none --channels-last off)", "cuDNN: deterministic on, benchmark off"):
+        assert said in first, said
+    (run,) = run_dirs(tmp_path / "runs")
+    config = json.loads((run / "config.json").read_text())
+    assert (config["weights_tag"], config["amp"], config["channels_last"], config["cudnn_deterministic"],
+            config["cudnn_benchmark"], config["selection_start"]) == ("miil_in21k_ft_in1k", "none", "off", True, False,
+                                                                       0.0)
