@@ -6,8 +6,8 @@
     python analysis.py per-label RUN_DIR [RUN_DIR ...]              # from per_label.csv (after --evaluate)
 
 Each command writes a PNG and its data as CSV (``labels`` also a markdown "class name | count" table) into
-``--out`` (default: ``analysis/`` under the current folder for gradients/labels, ``<first RUN_DIR>/analysis/``
-for curves/per-label). The computations (``loss_gradients``, ``label_statistics``, ``read_log``,
+``--out`` (default: ``<first RUN_DIR>/analysis/`` for curves/per-label, ``runs/analysis/`` for gradients/labels,
+which read no run; never the current folder itself). The computations (``loss_gradients``, ``label_statistics``, ``read_log``,
 ``read_per_label``, ``frequency_bins``) are pure functions returning tensors/dicts; the ``draw_*`` functions
 turn their results into PNG bytes. Figures are drawn on a bare ``matplotlib.figure.Figure`` (Agg), so importing
 this module never touches pyplot's global state or the interactive backend.
@@ -352,30 +352,44 @@ def _run_names(run_dirs: Sequence[Path]) -> list[str]:
     return [str(r) if names.count(n) > 1 else n for r, n in zip(run_dirs, names)]
 
 
+# How the training and validation series differ, besides a run's colour: line style and marker (filled, hollow).
+SERIES = {"train": dict(linestyle="-", marker="o"), "val": dict(linestyle="--", marker="s", markerfacecolor="white")}
+
+
 def draw_curves(logs: dict[str, dict[str, Tensor]]) -> bytes:
-    """Four panels against epoch: train/val loss, val per-class F1, val N+ and val mAP; one colour per run."""
-    fig, axes = _figure(12, 8, 2, 2)
-    panels = ((axes[0, 0], "loss per image (solid: train, dashed: val)"), (axes[0, 1], "val per-class F1 at 0.5"),
-              (axes[1, 0], "val N+ (labels recalled at least once, at 0.5)"), (axes[1, 1], "val mAP (%)"))
-    for i, (run, log) in enumerate(logs.items()):
-        colour = f"C{i % 10}"
-        epoch = log["epoch"].numpy()
-        style = dict(color=colour, marker="o" if len(epoch) < 30 else None, markersize=3)
-        axes[0, 0].plot(epoch, log["train/loss"].numpy(), label=run, **style)
-        axes[0, 0].plot(epoch, log["val/loss"].numpy(), linestyle="--", **style)
-        axes[0, 1].plot(epoch, log["val/per_class/f1"].numpy(), label=run, **style)
-        axes[1, 0].plot(epoch, log["val/N+"].numpy(), label=run, **style)
-        axes[1, 1].plot(epoch, log["val/mAP"].numpy(), label=run, **style)
+    """PNG bytes of `curves_figure`."""
+    return _png(curves_figure(logs))
+
+
+def curves_figure(logs: dict[str, dict[str, Tensor]]):
+    """Four panels against epoch: train/val loss, val per-class F1, val N+ and val mAP; one colour per run, train
+    and validation told apart by line style and marker, integer epoch ticks for any run length."""
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
+    fig, axes = _figure(12, 8, 2, 2)
+    panels = ((axes[0, 0], "loss per image"), (axes[0, 1], "val per-class F1 at 0.5"),
+              (axes[1, 0], "val N+ (labels recalled at least once, at 0.5)"), (axes[1, 1], "val mAP (%)"))
+    last = 1
+    for i, (run, log) in enumerate(logs.items()):
+        epoch = log["epoch"].numpy()
+        last = max(last, int(epoch.max()))
+        style = dict(color=f"C{i % 10}", markersize=4 if len(epoch) < 30 else 0)
+        axes[0, 0].plot(epoch, log["train/loss"].numpy(), **style, **SERIES["train"])
+        axes[0, 0].plot(epoch, log["val/loss"].numpy(), **style, **SERIES["val"])
+        for ax, key in ((axes[0, 1], "val/per_class/f1"), (axes[1, 0], "val/N+"), (axes[1, 1], "val/mAP")):
+            ax.plot(epoch, log[key].numpy(), **style, **SERIES["val"])
     for ax, title in panels:
         ax.set_title(title)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.5, last + 0.5)  # whole epochs, also for a run of one or two
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
     axes[1, 0].yaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0, 0].legend(fontsize=8, loc="best")
-    return _png(fig)
+    handles = [Line2D([], [], color=f"C{i % 10}", linewidth=3, label=run) for i, run in enumerate(logs)]
+    handles += [Line2D([], [], color="black", label=name, **SERIES[name]) for name in ("train", "val")]
+    axes[0, 0].legend(handles=handles, fontsize=8, loc="best")
+    return fig
 
 
 def draw_per_label(results: dict[str, dict[str, Any]], bins: dict[str, dict[str, Tensor]]) -> bytes:
@@ -526,8 +540,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument("--out", default=None, metavar="DIR",
-                       help="output folder (default: analysis/ here for gradients/labels, <first RUN_DIR>/analysis/ "
-                            "for curves/per-label)")
+                       help="output folder (default: <first RUN_DIR>/analysis/ for curves/per-label, runs/analysis/ "
+                            "for gradients/labels)")
         return p
 
     p = add("gradients", "dL/dx against p for positive and negative labels: BCE, focal (gamma 2 and --gamma), ASL")
@@ -560,7 +574,7 @@ def default_out(args: argparse.Namespace) -> Path:
         return Path(args.out)
     if args.what in ("curves", "per-label"):
         return Path(args.run_dirs[0]) / "analysis"
-    return Path.cwd() / "analysis"
+    return Path("runs") / "analysis"  # no run to write into: beside the runs (ignored by git), not the current folder
 
 
 def main(args: argparse.Namespace) -> dict[str, Path]:

@@ -36,7 +36,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "vertical_flip": None, "randaugment": False, "cutout": 0.0, "optimizer": "adam", "weight_decay": 0.0,
     "ema": False, "ema_decay": 0.9997, "device": "auto", "amp": None, "channels_last": None, "compile": False,
     "cudnn_deterministic": None, "cudnn_benchmark": None, "selection_start": None,
-    "sync_bn": False, "save_dir": "runs", "run_name": None,
+    "sync_bn": False, "save_dir": "runs", "run_name": None, "tensorboard": True,
     # the run's own thresholding (its recipe's; --evaluate may override each)
     "threshold_split": None, "threshold_transform": None, "threshold_fallback": None, "threshold_compare": None,
     "metric_epsilon": None,

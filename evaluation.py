@@ -57,6 +57,7 @@ class Evaluation:
     world: World
     checkpoint: dict  # runs.checkpoint_identity of the best.pth evaluated
     data_source: str  # the dataset evaluated (the run's, or --data)
+    tensorboard: bool  # the run writes TensorBoard events (report.py adds the evaluation's)
 
 
 def evaluation_settings(options: EvaluationOptions, config: Mapping[str, Any]) -> dict:
@@ -197,4 +198,4 @@ def evaluate_run(run_dir: Path, options: EvaluationOptions, runtime: Runtime, da
                "thresholds": {label: round(float(t), 6) for label, t in zip(run.data.vocabulary, thresholds)},
                "run": run_metadata(run_dir, run.config, run.ckpt, run.data, settings)}
     return Evaluation(run_dir, results, run.data, {"fit": fitted, "test": test}, thresholds, settings, run.world,
-                      checkpoint_identity(run.ckpt), run.data_source)
+                      checkpoint_identity(run.ckpt), run.data_source, bool(run.config["tensorboard"]))

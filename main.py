@@ -166,6 +166,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--run-name", help="run directory suffix (default: a timestamp)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last.pth")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("--tensorboard", action=BOOL,
+                   help="write TensorBoard events into <run>/tensorboard/ (per-epoch scalars; --evaluate adds the test "
+                        "metrics, the per-label table and PR curves); watch with `tensorboard --logdir runs`. On "
+                        "unless --no-tensorboard")
 
     g = parser.add_argument_group("evaluation and thresholds")
     g.add_argument("--evaluate", action="store_true",
@@ -206,7 +210,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--predict", default=None, metavar="PATH",
                    help="annotate one image or a folder of images (--checkpoint: a run directory or an exported .onnx)")
     g.add_argument("--output", default=None, metavar="PATH", help="--predict: output prefix for .csv/.json "
-                   "(default: <run>/predictions)")
+                   "(default: tags, beside the run's files or the .onnx file: tags.csv and tags.json)")
     g.add_argument("--overwrite", action="store_true",
                    help="--predict: replace a finished output of an earlier --predict (refused otherwise)")
     g.add_argument("--min-score", type=float, default=None, metavar="S",

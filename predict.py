@@ -1,7 +1,8 @@
 """--predict: annotate an image or a folder of images with a trained run or an exported ONNX file.
 
 Images stream through the data loader in batches (decoded by `--num-workers` processes while the model runs), each row
-is appended to <output>.csv as soon as its batch is done, and <output>.json is written at the end. An interrupted run
+is appended to <output>.csv (image, labels and scores as JSON lists) as soon as its batch is done, and <output>.json is
+written at the end; <output> defaults to tags beside the run's files or the .onnx file. An interrupted run
 keeps what it wrote: run the same command again and it continues with the images not yet in the CSV (a marker,
 <output>.partial.json, remembers the options; other options on an unfinished output are refused). Unreadable images
 are skipped, listed and counted. Labels: the run's fitted thresholds (0.5 before --evaluate), or the --top-k best,
@@ -25,6 +26,9 @@ from metrics import top_k
 from utils import IMAGE_SUFFIXES, Interrupted, UserError, atomic_write_json, check_writable, images_under
 
 HEADER = ["image", "labels", "scores"]
+# The default output, beside the run's files or the .onnx file: tags.csv and tags.json (not --evaluate's
+# predictions.png, which is about the test set).
+OUTPUT_NAME = "tags"
 
 
 def image_files(path: Path) -> list[Path]:
@@ -71,7 +75,7 @@ def onnx_predictor(path: Path) -> Predictor:
     annotator = OnnxAnnotator(path)
     return Predictor(lambda images: torch.from_numpy(annotator.probabilities(images.numpy())), annotator.vocabulary,
                      annotator.thresholds, annotator.threshold_compare, annotator.image_size, path,
-                     path.with_name(path.stem + "_predictions"))
+                     path.parent / OUTPUT_NAME)
 
 
 def run_predictor(run_dir: Path, model_name: str | None, runtime: Runtime) -> Predictor:
@@ -96,7 +100,7 @@ def run_predictor(run_dir: Path, model_name: str | None, runtime: Runtime) -> Pr
             return torch.sigmoid(model(preprocess(images)).float()).cpu()
 
     return Predictor(score, ckpt["vocabulary"], fitted["thresholds"].float(), fitted["compare"], config["image_size"],
-                     run_dir, run_dir / "predictions")
+                     run_dir, run_dir / OUTPUT_NAME)
 
 
 def _options(predictor: Predictor, top_k: int | None, min_score: float | None) -> dict:
@@ -118,7 +122,8 @@ def resume_rows(prefix: Path, options: dict) -> dict[str, dict]:
     rows = {}
     with table.open(newline="") as f:
         for line in csv.DictReader(f):
-            labels = [{"label": a, "score": float(b)} for a, b in zip(line["labels"].split(), line["scores"].split())]
+            labels = [{"label": a, "score": float(b)}
+                      for a, b in zip(json.loads(line["labels"]), json.loads(line["scores"]))]
             rows[line["image"]] = {"image": line["image"], "labels": labels}
     return rows
 
@@ -126,8 +131,9 @@ def resume_rows(prefix: Path, options: dict) -> dict[str, dict]:
 def _append(table, rows: list[dict]) -> None:
     writer = csv.writer(table)
     for row in rows:
-        writer.writerow([row["image"], " ".join(x["label"] for x in row["labels"]),
-                         " ".join(f"{x['score']:.4f}" for x in row["labels"])])
+        # Each cell a JSON list: labels may hold spaces, commas or any other character.
+        writer.writerow([row["image"], json.dumps([x["label"] for x in row["labels"]], ensure_ascii=False),
+                         json.dumps([round(x["score"], 4) for x in row["labels"]])])
     table.flush()
 
 

@@ -14,17 +14,17 @@ import csv
 import io
 import json
 import math
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from checkpoint import CheckpointError
-from dataset import BadImageError, Split, to_rgb
+from dataset import Split
+from dashboard import write_evaluation as write_evaluation_events
 from evaluation import TOP_K, Evaluation
 from metrics import binarize, per_label_metrics, top_k
+from prediction_grid import label_marks, marks_text, predictions_figure
 from runs import save_thresholds
 from utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -79,93 +79,59 @@ def _ranking_line(results: dict) -> str:
 
 def marked_labels(scores: torch.Tensor, predicted: torch.Tensor, truth: torch.Tensor, vocabulary: list[str]) -> str:
     """The predicted labels, highest score first, each marked right (✓) or wrong (✗), then the missed true labels."""
-    chosen = sorted(predicted.nonzero().flatten().tolist(), key=lambda j: -float(scores[j]))
-    marked = [f"{vocabulary[j]} {'✓' if truth[j] else '✗'}" for j in chosen]
-    missed = [vocabulary[j] for j in (truth.bool() & ~predicted).nonzero().flatten().tolist()]
-    return (", ".join(marked) or "-") + (f"; missed: {', '.join(missed)}" if missed else "")
+    return marks_text(label_marks(scores, predicted, truth, vocabulary))
 
 
 def figure_panels(split: Split, probs: torch.Tensor, indices: torch.Tensor, thresholds: torch.Tensor,
                   vocabulary: list[str], count: int = 12, strict: bool = False) -> list[dict]:
     """What each panel of predictions.png shows, for the first `count` images of `split`: its name and path, the
-    truth, and the predictions at 0.5 and at `thresholds` marked right or wrong. Row r of `probs` (R, C) belongs to
-    split image indices[r]; an image with no row (unreadable, skipped) says so instead of borrowing another's."""
+    truth, and the predictions at 0.5 and at `thresholds` marked right, wrong or missed (as marks for the figure and
+    as text). Row r of `probs` (R, C) belongs to split image indices[r]; an image with no row (unreadable, skipped)
+    says so instead of borrowing another's."""
     row_of = {int(i): r for r, i in enumerate(indices.tolist())}
     panels = []
     for i in range(min(count, len(split))):
         truth = split.targets[i].bool()  # (C,)
-        panel = {"name": split.image_names[i], "path": split.paths[i],
-                 "truth": ", ".join(vocabulary[j] for j in truth.nonzero().flatten().tolist()) or "-"}
+        labels = [vocabulary[j] for j in truth.nonzero().flatten().tolist()]
+        panel = {"name": split.image_names[i], "path": split.paths[i], "truth": ", ".join(labels) or "-",
+                 "truth_labels": labels}
         if i not in row_of:
             panels.append({**panel, "readable": False})
             continue
         p = probs[row_of[i]]  # (C,)
-        half, fitted = binarize(p[None], 0.5, strict)[0], binarize(p[None], thresholds, strict)[0]
-        panels.append({**panel, "readable": True, "at_half": marked_labels(p, half, truth, vocabulary),
-                       "fitted": marked_labels(p, fitted, truth, vocabulary)})
+        half = label_marks(p, binarize(p[None], 0.5, strict)[0], truth, vocabulary)
+        fitted = label_marks(p, binarize(p[None], thresholds, strict)[0], truth, vocabulary)
+        panels.append({**panel, "readable": True, "at_half": marks_text(half), "fitted": marks_text(fitted),
+                       "at_half_marks": half, "fitted_marks": fitted})
     return panels
 
 
-def display_image(path: Path, longest_side: int = 320):
-    """The image as an RGB uint8 array (H, W, 3) at its own aspect ratio, for figures."""
-    try:
-        with Image.open(path) as im:
-            im = to_rgb(im)
-            im.thumbnail((longest_side, longest_side))
-            return np.asarray(im)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImageError(f"Image '{path}' cannot be read ({type(e).__name__}: {e}).") from None
-
-
-def predictions_figure(panels: list[dict], method: str = "mcc", columns: int = 4) -> bytes:
-    """PNG bytes: a grid of the `figure_panels`, each image titled with its truth and its marked predictions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = max(math.ceil(len(panels) / columns), 1)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, panel in zip(axes.flat, panels):
-        if panel["readable"]:
-            ax.imshow(display_image(panel["path"]))
-            lines = [panel["name"], f"truth: {panel['truth']}", f"@0.5: {panel['at_half']}",
-                     f"{method.upper()}: {panel['fitted']}"]
-        else:
-            lines = [panel["name"], "unreadable: skipped (--skip-bad-images)", f"truth: {panel['truth']}"]
-        ax.set_title("\n".join(textwrap.fill(line, 52, subsequent_indent="    ") for line in lines), fontsize=8,
-                     loc="left")
-    fig.suptitle("✓ right, ✗ wrong; missed: true labels not predicted", fontsize=9)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def per_label_csv(vocabulary: list[str], train: Split, test: dict, thresholds: torch.Tensor, strict: bool,
-                  k: int = TOP_K) -> str:
-    """per_label.csv: each label's training images (originals; GAN copies in their own column), test images, fitted
-    threshold, and its test precision, recall, F1 (under the evaluation's rule), AP, and P/R/F1 under the top-k
-    protocol."""
+def per_label_table(train: Split, test: dict, thresholds: torch.Tensor, strict: bool, k: int = TOP_K) -> dict:
+    """Each label's (C lists) training images (originals; GAN copies apart), test images, fitted threshold, and its
+    test precision, recall, F1 (under the evaluation's rule), AP, and P/R/F1 under the top-k protocol."""
     per_label = per_label_metrics(test["targets"], test["probs"], thresholds, strict)
     ranked = per_label_metrics(test["targets"], top_k(test["probs"], k).float(), 0.5)  # 1 for the k best, else 0
     generated = train.generated  # (N,) bool
-    originals = train.targets[~generated].sum(0).long().tolist()
-    copies = train.targets[generated].sum(0).long().tolist()
-    test_freq = test["targets"].sum(0).long().tolist()
+    return {"train_frequency": train.targets[~generated].sum(0).long().tolist(),
+            "train_gan_copies": train.targets[generated].sum(0).long().tolist(),
+            "test_frequency": test["targets"].sum(0).long().tolist(), "threshold": thresholds.tolist(),
+            **{m: per_label[m].tolist() for m in ("precision", "recall", "f1", "ap")},
+            **{f"top{k}_{m}": ranked[m].tolist() for m in ("precision", "recall", "f1")}}
+
+
+def per_label_csv(vocabulary: list[str], table: dict, k: int = TOP_K) -> str:
+    """per_label.csv: one row per label of `per_label_table`, AP left empty for a label without test positives."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["label", "train_frequency", "train_gan_copies", "test_frequency", "threshold", "precision",
                      "recall", "f1", "ap", f"top{k}_precision", f"top{k}_recall", f"top{k}_f1"])
     for j, label in enumerate(vocabulary):
-        ap = float(per_label["ap"][j])
-        writer.writerow([label, originals[j], copies[j], test_freq[j], f"{float(thresholds[j]):.6g}",
-                         f"{float(per_label['precision'][j]):.4f}", f"{float(per_label['recall'][j]):.4f}",
-                         f"{float(per_label['f1'][j]):.4f}", "" if math.isnan(ap) else f"{ap:.4f}",
-                         *(f"{float(ranked[m][j]):.4f}" for m in ("precision", "recall", "f1"))])
+        ap = float(table["ap"][j])
+        writer.writerow([label, table["train_frequency"][j], table["train_gan_copies"][j], table["test_frequency"][j],
+                         f"{float(table['threshold'][j]):.6g}",
+                         *(f"{float(table[m][j]):.4f}" for m in ("precision", "recall", "f1")),
+                         "" if math.isnan(ap) else f"{ap:.4f}",
+                         *(f"{float(table[f'top{k}_{m}'][j]):.4f}" for m in ("precision", "recall", "f1"))])
     return buffer.getvalue()
 
 
@@ -194,11 +160,14 @@ def write_report(evaluation: Evaluation) -> None:
                     evaluation.data_source)
     atomic_write_json(run_dir / "results.json", results)
     atomic_write_text(run_dir / "results.md", _results_markdown(results))
-    atomic_write_text(run_dir / "per_label.csv", per_label_csv(data.vocabulary, data.train, test, thresholds, strict,
-                                                               results["run"]["top_k"]))
+    k = results["run"]["top_k"]
+    table = per_label_table(data.train, test, thresholds, strict, k)
+    atomic_write_text(run_dir / "per_label.csv", per_label_csv(data.vocabulary, table, k))
     atomic_write_bytes(run_dir / "evaluation.npz", evaluation_arrays(data.vocabulary, predictions, thresholds))
     panels = figure_panels(data.test, test["probs"], test["indices"], thresholds, data.vocabulary, strict=strict)
     atomic_write_bytes(run_dir / "predictions.png", predictions_figure(panels, results["run"]["threshold_method"]))
+    if evaluation.tensorboard:
+        write_evaluation_events(run_dir, results["run"]["best_epoch"], results, data.vocabulary, table, test)
 
 
 def summary(results: dict, run_dir: Path) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +33,8 @@ from checkpoint import (CSVLogger, check_vocabulary, load_checkpoint, restore_tr
                         training_state)
 from components import (apply_cudnn, eval_loader, first_few, load_data, loss_from_config, model_from_config,
                         training_flips)
+from dashboard import TrainingEvents
+from DataAugmentation.files import FLAT_RATIO, copies_spread
 from dataset import COREL5K_STATISTICS, AnnotationDataset, DatasetSplits, make_loader
 from distributed import World, broadcast_object, get_device, init_distributed, say, sum_across_ranks
 from engine import BatchPreprocessor, EpochProgress, Precision, evaluate, resolve_precision, train_one_epoch
@@ -247,6 +250,17 @@ def resume_run(config: Mapping[str, Any], parts: Parts, vocabulary: list[str]) -
     return state
 
 
+def warn_if_flat_copies(data: DatasetSplits) -> None:
+    """--augmentation: say so when the GAN copies are near-uniform images (made with too few --iterations)."""
+    spread = copies_spread(data.train)
+    if spread is not None and spread < FLAT_RATIO:
+        say(f"Warning: the GAN copies in {data.root / 'aug-images'} are flat: their pixel spread is {spread:.2f} of "
+            f"their originals' (median of up to 32, below {FLAT_RATIO}), so they were made with too few --iterations "
+            f"(bench/gan_quality.py; the study trains 1001). Training on them adds near-uniform images with real "
+            f"labels; regenerate them with python -m DataAugmentation --iterations 1001, or train without "
+            f"--augmentation.")
+
+
 def discard_empty_run(run_dir: Path, new_save_dir: bool) -> None:
     """Remove a new run directory that holds nothing but its config.json (training failed before its first
     checkpoint), and --save-dir too if this run created it and it is now empty: a failed start leaves nothing."""
@@ -342,7 +356,8 @@ def run_epochs(parts: Parts, loaders: Loaders, data: DatasetSplits, config: Mapp
         logger.truncate_after(state.epoch + 1)
     progress = config["progress"] and world.is_main
     agree = (lambda flag: bool(sum_across_ranks(float(flag))[0])) if world.world_size > 1 else None
-    with GracefulStop(agree) as stop:
+    events = TrainingEvents(state.run_dir, config["tensorboard"] and world.is_main, first_epoch=state.epoch + 1)
+    with GracefulStop(agree) as stop, closing(events):
         while state.epoch < config["epochs"]:
             start = time.perf_counter()
             try:
@@ -357,6 +372,7 @@ def run_epochs(parts: Parts, loaders: Loaders, data: DatasetSplits, config: Mapp
                 improved = keep_checkpoints(parts, state, score, source, config, data.vocabulary, world)
                 if world.is_main:
                     logger.log(row)
+                events.epoch(row)
             say(epoch_line(row, config["epochs"], improved))
 
 
@@ -380,6 +396,8 @@ def train(config: Mapping[str, Any]) -> Path:
     precision = resolve_precision(config["amp"], config["channels_last"], device)
     apply_cudnn(config)
     data = load_data(config["data"], config, config["skip_bad_images"], world)
+    if config["augmentation"] and world.is_main:
+        warn_if_flat_copies(data)
     if data.protocol == "study":
         say("Protocol: --select-on-test, the study's original protocol: the best epoch is chosen on the TEST set, "
             "so test figures are optimistic.")

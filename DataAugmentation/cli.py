@@ -12,9 +12,10 @@ one process's, and a run stopped with N processes can be finished with any other
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -25,8 +26,8 @@ from dataset import DatasetError, read_annotations, resolve_data_root
 from distributed import World, get_device, launch_world
 from utils import ArgumentParser, DefaultsHelpFormatter, UserError
 
-from .files import (AUG_DIR, AUG_JSON, ENCODINGS, check_output_names, finished_images, load_real_image,
-                    save_outputs, write_train_aug)
+from .files import (AUG_DIR, AUG_JSON, ENCODINGS, FEW_ITERATIONS, FLAT_RATIO, check_output_names, finished_images,
+                    load_real_image, save_outputs, spread_ratio, write_train_aug)
 from .models import GanConfig
 from .train import BACKENDS, N_OUTPUTS, image_seed, train_images
 
@@ -145,6 +146,7 @@ class Job:
     already: int  # samples finished before this run
     mine: list[dict]  # this process's pending samples
     paths: list[Path]  # their image files
+    spreads: list[float] = field(default_factory=list)  # each fake's pixel spread over its real image's
 
     def write_json(self) -> int:
         """train_aug.json rebuilt from the outputs that exist (every finished image of train.json, in its order)."""
@@ -183,8 +185,9 @@ def train_share(job: Job, args: argparse.Namespace, cfg: GanConfig, device: torc
             real = torch.stack([load_real_image(p, cfg.height, cfg.width) for p in job.paths[start:start + len(names)]])
             fakes_k = train_images(real, [image_seed(args.seed, n) for n in names], cfg, args.iterations, backend,
                                    device=device, precision="bf16" if args.amp == "bf16" else "fp32", on_progress=show)
-            for name, fakes in zip(names, fakes_k):
+            for name, fakes, image in zip(names, fakes_k, real):
                 save_outputs(job.root / AUG_DIR, name, fakes, args.encoding)
+                job.spreads += [float(spread_ratio(fake, image)) for fake in fakes]
             job.done.update(names)
             if world.is_main:
                 job.write_json()
@@ -210,12 +213,16 @@ def _iteration_display(bar):
 
 def run(args: argparse.Namespace) -> dict:
     """Generate the missing outputs (this process's share under torchrun); returns {"trained", "skipped", "entries",
-    "group_size", "backend", "device", "root", "complete"}."""
+    "group_size", "backend", "device", "root", "complete", "spread" (the fakes' median spread ratio)}."""
     world = launch_world()
     cfg, device, group_size, backend = _settings(args, world)
     job = plan(args, world)
     if world.is_main:
         job.write_json()  # rebuilt from what exists
+    if args.iterations < FEW_ITERATIONS and job.mine:
+        print(f"Warning: --iterations {args.iterations} is far below what makes usable copies: measured on the demo "
+              f"(bench/gan_quality.py), the fakes are near-flat rectangles until about {FEW_ITERATIONS} iterations "
+              f"and look like their images by 600; the study trains 1001.", file=sys.stderr)
     trained = train_share(job, args, cfg, device, group_size, backend, world)
     # Whichever process finds every image finished writes the final train_aug.json (the same from any process).
     job.done = finished_images(job.root / AUG_DIR, [s["image_name"] for s in job.all_samples])
@@ -223,6 +230,7 @@ def run(args: argparse.Namespace) -> dict:
     entries = job.write_json() if complete or world.is_main else None
     return {"trained": trained, "skipped": job.already, "entries": entries, "group_size": group_size,
             "backend": backend, "device": str(device), "root": str(job.root), "complete": complete,
+            "spread": statistics.median(job.spreads) if job.spreads else None,
             "rank": f"rank {world.rank}/{world.world_size}: " if world.world_size > 1 else ""}
 
 
@@ -242,4 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               if summary["entries"] is not None else f"the process that finishes last writes {AUG_JSON}")
     print(f"{summary['rank']}Done: {summary['trained']} images trained, {summary['skipped']} already finished; "
           f"{listed}.")
+    if summary["spread"] is not None and summary["spread"] < FLAT_RATIO:
+        print(f"Warning: the fakes of this run are flat (median pixel spread {summary['spread']:.2f} of their real "
+              f"images', below {FLAT_RATIO}): --iterations {args.iterations} is too few (bench/gan_quality.py; the "
+              f"study trains 1001). main.py --augmentation would train on near-uniform images with real labels; "
+              f"delete {Path(summary['root']) / AUG_DIR} and run again with more --iterations.", file=sys.stderr)
     return 0

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import BadImageError, DatasetError, to_rgb
+from dataset import BadImageError, DatasetError, load_image, to_rgb
 from utils import atomic_write_bytes, atomic_write_json
 
 AUG_DIR = "aug-images"
@@ -38,6 +38,37 @@ CROP_FRACTION = (122 / 128, 186 / 192)
 # float32 image by 255 and truncates to uint8 (floor), and Pillow saves it with its default quality, 75, and
 # matplotlib's 100 dpi; the same bytes as matplotlib's own call (tested).
 ENCODINGS = {"default": {"quality": 95}, "study": {"quality": 75, "dpi": (100, 100)}}
+
+
+# A fake whose pixel spread is below this fraction of its real image's is flat, a near-uniform rectangle: its GAN was
+# trained for too few iterations. bench/gan_quality.py (4 demo images, 32x48): median spread ratio 0.01 at 3 and 10
+# iterations, 0.02 at 30, 0.10 at 100, 0.49 at 300, 1.01 at 600. Below FEW_ITERATIONS the command warns before training.
+FLAT_RATIO = 0.5
+FEW_ITERATIONS = 300
+
+
+def spread_ratio(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The fake's pixel spread over its real image's: std over the pixels of each channel, averaged over the 3
+    channels, for the fake (3, H, W) over the real image (3, H', W') (any sizes, any common scale); a 0-d tensor."""
+    def spread(image: torch.Tensor) -> torch.Tensor:
+        return image.float().flatten(1).std(dim=1).mean()
+
+    return spread(fake) / spread(real).clamp(min=1e-8)
+
+
+def copies_spread(split, sample: int = 32, size: int = 64) -> float | None:
+    """The median `spread_ratio` of up to `sample` GAN copies of `split` (dataset.Split; rows with a source) against
+    their originals, read from their files at size x size; None when the split has no copies or none is readable."""
+    path_of = dict(zip(split.image_names, split.paths))
+    rows = [i for i, source in enumerate(split.sources) if source is not None and source in path_of]
+    ratios = []
+    for i in rows[:: max(len(rows) // sample, 1)][:sample]:
+        try:
+            ratios.append(float(spread_ratio(load_image(split.paths[i], size), load_image(path_of[split.sources[i]],
+                                                                                          size))))
+        except BadImageError:
+            continue
+    return float(np.median(ratios)) if ratios else None
 
 
 def output_names(image_name: str) -> tuple[str, str, str]:

@@ -76,10 +76,48 @@ def evaluate(run_dir: Path, *flags) -> tuple[dict, dict]:
 
 # Fixtures that train a classifier: the tests using them are end-to-end ("slow"), left out of the mutation check,
 # whose mutants each rerun the tests that reach them (setup.cfg: -m "not slow").
-TRAINING_FIXTURES = {"evaluated_run", "run", "planted", "two_runs", "world", "study_run"}
+TRAINING_FIXTURES = {"run", "planted", "two_runs", "world", "study_run"}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def make_run(root: Path, data: Path, thresholds=None, compare: str = "ge", sharpen: float = 8.0,
+             name: str = "TinyResNet_AsymmetricLoss_tiny_fast", **flags) -> Path:
+    """A run directory built in a fraction of a second, without training: the config.json training would write for
+    TinyResNet at 32 px on `data`, a best.pth of a freshly initialised model whose head is scaled by `sharpen` (so
+    the probabilities spread over (0, 1) instead of sitting at 0.5), and, with `thresholds` (C values), the
+    thresholds.json an --evaluate would write. For the fast tests that apply a run (--predict, --export, cross-fitting)."""
+    import torch
+
+    from components import model_from_config
+    from config import training_config
+    from recipes import resolve
+    from runs import checkpoint_identity, data_records, save_config
+
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    vocabulary = json.loads((data / "train.json").read_text())["labels"]
+    config = resolve(training_config({"model": "TinyResNet", "pretrained": False, "image_size": 32, "data": str(data),
+                                      "val_size": 6, "num_workers": 0, "batch_size": 8, "save_dir": str(root),
+                                      **flags}))
+    save_config(run_dir, config, {"run_dir": str(run_dir), **data_records(run_dir, data),
+                                  "started": "2026-01-01T00:00:00+00:00", "world_size": 1})
+    torch.manual_seed(0)
+    model = model_from_config(config, len(vocabulary), pretrained=False)
+    state = model.state_dict()
+    for key in ("head.1.weight", "head.1.bias"):
+        state[key] = state[key] * sharpen
+    ckpt = {"version": 2, "model": state, "vocabulary": vocabulary, "normalisation": None, "best_epoch": 1,
+            "best_source": "model", "best_metric": 0.5, "epoch": 1, "config": config}
+    torch.save(ckpt, run_dir / "best.pth")
+    if thresholds is not None:
+        record = {"labels": vocabulary, "thresholds": [float(t) for t in thresholds], "compare": compare,
+                  "method": "mcc", "split": "val", "transform": "eval", "fallback": "default", "grid": [],
+                  "min_positives": 0, "shrinkage": 0.0, "folds": None, "data": str(data),
+                  "checkpoint": checkpoint_identity(ckpt), "evaluated": "2026-01-01T00:00:00+00:00"}
+        (run_dir / "thresholds.json").write_text(json.dumps(record))
+    return run_dir

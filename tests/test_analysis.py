@@ -214,6 +214,36 @@ def test_curves_command_overlays_runs(tmp_path):
                                                                       ("B", "1", "10")]
 
 
+@pytest.mark.parametrize("epochs", [1, 2, 7])
+def test_curves_have_whole_epoch_ticks_and_tell_train_from_validation_for_any_run_length(tmp_path, epochs):
+    run = _fake_run(tmp_path, "A", [(e, 2.0 / e, 1.9 / e, 0.1 * e, e, 10.0 * e) for e in range(1, epochs + 1)])
+    fig = analysis.curves_figure({"A": read_log(run)})
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks) and min(ticks) >= 1 and max(ticks) <= epochs
+    train, val = fig.axes[0].lines[:2]
+    assert (train.get_linestyle(), train.get_marker()) != (val.get_linestyle(), val.get_marker())
+    assert train.get_color() == val.get_color()  # one colour per run; the style tells train from validation
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["A", "train", "val"]
+
+
+def test_plot_writes_into_the_run_it_reads_never_the_current_folder(tmp_path, monkeypatch):
+    run = _fake_run(tmp_path / "runs", "A", [(1, 2.0, 1.9, 0.1, 3, 20.0)])
+    _fake_per_label(run, [5, 1], [0.5, 0.0])
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    before = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    for command in ("curves", "per-label"):
+        analysis.main(analysis.get_args_parser().parse_args([command, str(run)]))
+    written = sorted(set(p for p in tmp_path.rglob("*") if p.is_file()) - set(before))
+    assert written and all(p.parent == run / "analysis" for p in written)
+    assert not any(here.iterdir())  # nothing in the folder the command ran from
+    analysis.main(analysis.get_args_parser().parse_args(["gradients"]))
+    assert sorted(p.name for p in (here / "runs" / "analysis").iterdir()) == ["gradients.csv", "gradients.png"]
+
+
 def _fake_per_label(run: Path, frequencies, f1s) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     lines = ["label,train_frequency,test_frequency,threshold,precision,recall,f1,ap"]

@@ -180,3 +180,90 @@ def test_every_rare_label_option_gives_its_own_thresholds_equal_to_a_recomputati
         np.testing.assert_allclose(got[name], expected[name], atol=1e-6, err_msg=name)
     distinct = {name: tuple(np.round(t, 5)) for name, t in got.items()}
     assert len(set(distinct.values())) == 4, distinct  # every option changes the thresholds
+
+
+# ---------------------------------------------------------------- cross-fitting without training (fast)
+
+def test_out_of_fold_trains_each_missing_fold_once_routes_its_rows_and_reuses_it(tmp_path, capsys):
+    """crossfit.out_of_fold with a `train` that builds fold runs instantly (conftest.make_run, a different head per
+    fold): each fold is asked for once with the run's settings and its held-out fold, predicts exactly its rows, the
+    rows come back in training order, and a second call trains nothing."""
+    from pathlib import Path
+
+    import crossfit
+    from conftest import make_run
+    from config import Runtime
+    from runs import load_run, run_dir_name
+
+    data = write_dataset(tmp_path / "tiny", n_train=30, n_test=6)
+    run_dir = make_run(tmp_path / "runs", data)
+    config = {**load_config(run_dir), "data": str(data)}
+    train_split = load_data(str(data), config, False, World()).train
+    asked = []
+
+    def train(fold_config):
+        k, folds = fold_config["hold_out_fold"]
+        asked.append((k, folds, fold_config["resume"], fold_config["save_dir"], fold_config["run_name"],
+                      fold_config["num_workers"], fold_config["learning_rate"]))
+        name = run_dir_name("TinyResNet", "AsymmetricLoss", str(data), f"fold{k}of{folds}")
+        return make_run(Path(fold_config["save_dir"]), data, sharpen=2.0 + 3 * k, name=name)
+
+    runtime = Runtime(num_workers=0, batch_size=4, progress=False)
+    out = crossfit.out_of_fold(run_dir, config, load_data(str(data), config, False, World()), 3, runtime, train)
+    folds_dir = str(run_dir / "folds")
+    assert asked == [(k, 3, None, folds_dir, f"fold{k}of3", 0, config["learning_rate"]) for k in range(3)]
+    assert capsys.readouterr().out.count("Cross-fitting: fold") == 3
+    assert out["indices"].tolist() == list(range(len(train_split)))  # every original, in training order
+    torch.testing.assert_close(out["targets"], train_split.targets)
+    fold = fold_of(train_split, 3, config["seed"])
+    for k in range(3):  # row r comes from the model of the fold r belongs to, and from no other
+        model, _, _ = load_run(run_dir / "folds" / f"TinyResNet_AsymmetricLoss_tiny_fold{k}of3", None,
+                               torch.device("cpu"))
+        rows = (fold == k).nonzero().flatten()
+        images = torch.stack([load_image_for(train_split, int(r)) for r in rows])
+        with torch.no_grad():
+            expected = torch.sigmoid(model((images.float() / 255 - 0.5) / 0.5))
+        torch.testing.assert_close(out["probs"][rows], expected, rtol=1e-5, atol=1e-5)
+    again = crossfit.out_of_fold(run_dir, config, load_data(str(data), config, False, World()), 3, runtime, None)
+    assert len(asked) == 3 and "Cross-fitting" not in capsys.readouterr().out  # reused: nothing trained
+    torch.testing.assert_close(again["probs"], out["probs"])
+
+
+def load_image_for(split, row):
+    from dataset import load_image
+
+    return load_image(split.paths[row], 32)
+
+
+def test_a_fold_with_a_last_checkpoint_is_resumed_and_folds_of_another_dataset_are_refused(tmp_path):
+    from pathlib import Path
+
+    import crossfit
+    from conftest import make_run
+    from config import Runtime
+    from utils import UserError
+
+    data = write_dataset(tmp_path / "tiny", n_train=30, n_test=6)
+    run_dir = make_run(tmp_path / "runs", data)
+    config = {**load_config(run_dir), "data": str(data)}
+    splits = load_data(str(data), config, False, World())
+    runtime = Runtime(num_workers=0, batch_size=4, progress=False, device="cpu")
+    fold_dir = make_run(run_dir / "folds", data, name="TinyResNet_AsymmetricLoss_tiny_fold0of2")
+    (fold_dir / "last.pth").write_bytes(b"interrupted")  # a fold stopped mid-training: resumed, not started again
+    asked = []
+
+    def train(fold_config):
+        asked.append((fold_config["resume"], fold_config.get("hold_out_fold")))
+        return Path(fold_config["resume"]) if fold_config["resume"] else make_run(
+            Path(fold_config["save_dir"]), data, name=f"TinyResNet_AsymmetricLoss_tiny_{fold_config['run_name']}")
+
+    with pytest.raises(UserError, match="is not trained yet, and this command cannot train"):
+        crossfit.out_of_fold(run_dir, config, splits, 2, runtime, None)
+    crossfit.out_of_fold(run_dir, config, splits, 2, runtime, train)
+    assert asked == [(str(fold_dir), None), (None, [1, 2])]
+    saved = np.load(run_dir / "folds" / "fold0of2.npz")
+    assert str(saved["data"]) == str(data.resolve())
+    other = write_dataset(tmp_path / "other" / "tiny", n_train=30, n_test=6, seed=9)
+    moved = load_data(str(other), config, False, World())
+    with pytest.raises(UserError, match="holds predictions of the dataset"):
+        crossfit.out_of_fold(run_dir, config, moved, 2, runtime, train)

@@ -414,6 +414,7 @@ def test_copies_of_a_png_original_name_it_and_colliding_names_are_refused(datase
 
     data["samples"].append({"image_name": "1.jpeg", "image_labels": ["sea"]})  # 1.png and 1.jpeg: same copy names
     (dataset / "train.json").write_text(json.dumps(data))
+    capsys.readouterr()
     assert cli.main(["--data", str(dataset), "--iterations", "3", "--size", "16x24", "--device", "cpu",
                      "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -541,3 +542,22 @@ def test_the_study_encoding_writes_what_the_studys_plt_imsave_wrote(tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(independent)))
     default = save_outputs(tmp_path / "default", "7.jpeg", fakes)
     assert default[0].read_bytes() != paths[0].read_bytes()  # quality 95 of rounded pixels is another file
+
+
+def test_spread_ratio_is_the_fakes_pixel_spread_over_the_real_images():
+    from DataAugmentation.files import spread_ratio
+
+    real = torch.tensor([[[0.0, 2.0], [4.0, 6.0]]]).expand(3, 2, 2)  # std of 0, 2, 4, 6 in each channel
+    flat = torch.full((3, 5, 7), 0.3)
+    half = real / 2 + 10
+    assert float(spread_ratio(flat, real)) == 0.0
+    assert float(spread_ratio(half, real)) == pytest.approx(0.5)
+    assert float(spread_ratio(real, real)) == pytest.approx(1.0)
+
+
+def test_a_run_with_too_few_iterations_warns_that_its_fakes_are_flat(dataset, capsys):
+    assert cli.main(["--data", str(dataset), "--iterations", "3", "--size", "16x24", "--device", "cpu",
+                     "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("Warning: --iterations 3 is far below what makes usable copies")  # said before training
+    assert "Warning: the fakes of this run are flat (median pixel spread 0.0" in err  # and measured after it

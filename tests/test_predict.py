@@ -11,7 +11,6 @@ import torch
 
 import export
 import predict
-from conftest import run_dirs, train_args
 from main import cli
 from utils import Interrupted, UserError
 
@@ -52,14 +51,11 @@ def test_image_files_lists_images_recursively_and_refuses_nothing(tmp_path):
 
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory):
-    from conftest import write_dataset
+    """A run with thresholds.json, built without training (conftest.make_run): distinct thresholds, p >= t."""
+    from conftest import make_run, write_dataset
 
     data = write_dataset(tmp_path_factory.mktemp("data") / "tiny")
-    save = tmp_path_factory.mktemp("runs")
-    cli(train_args(data, save, "--epochs", "2"))
-    (run,) = run_dirs(save)
-    cli(["--evaluate", "--checkpoint", str(run), "--num-workers", "0", "--no-progress"])
-    return run, data
+    return make_run(tmp_path_factory.mktemp("runs"), data, thresholds=[0.35, 0.5, 0.42, 0.6, 0.28]), data
 
 
 def tag(checkpoint, folder, output, *extra):
@@ -238,3 +234,28 @@ def test_the_parity_check_refuses_a_real_difference_and_accepts_float_noise(eval
         with pytest.raises(SystemExit):
             cli(["--export", "onnx", "--checkpoint", str(run), "--output", str(tmp_path / "model.onnx")])
     assert (tmp_path / "model.onnx").exists() is written
+
+
+def test_the_default_output_is_tags_beside_the_run_or_the_onnx_file_and_labels_with_spaces_survive(tmp_path):
+    from conftest import make_run, write_dataset
+
+    data = write_dataset(tmp_path / "tiny", labels=("blue sky", "sea, calm", "sun", "boat", "tree"))
+    run = make_run(tmp_path / "runs", data, thresholds=[0.2] * 5)  # low thresholds: several labels per image
+    rows = tag_default(run, data / "images")
+    assert (run / "tags.csv").is_file() and (run / "tags.json").is_file()
+    assert not (run / "predictions.csv").exists() and not (run / "predictions.png").exists()
+    with (run / "tags.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [json.loads(r["labels"]) for r in table] == [[x["label"] for x in r["labels"]] for r in rows]
+    assert any("blue sky" in json.loads(r["labels"]) and "sea, calm" in json.loads(r["labels"]) for r in table)
+    pytest.importorskip("onnxruntime")
+    cli(["--export", "onnx", "--checkpoint", str(run), "--output", str(tmp_path / "exported" / "model.onnx")])
+    tag_default(tmp_path / "exported" / "model.onnx", data / "images")
+    assert (tmp_path / "exported" / "tags.csv").is_file() and (tmp_path / "exported" / "tags.json").is_file()
+
+
+def tag_default(checkpoint, folder):
+    from main import get_args_parser, main
+
+    return main(get_args_parser().parse_args(["--predict", str(folder), "--checkpoint", str(checkpoint),
+                                              "--num-workers", "0", "--no-progress"]))

@@ -3,12 +3,10 @@
 import csv
 import io
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import report
 from checkpoint import CheckpointError
@@ -70,7 +68,7 @@ def test_per_label_csv_counts_originals_and_gan_copies_apart():
                   sources=[None, None, "a.jpeg", "a.jpeg", "b.jpeg"])
     test = {"targets": torch.tensor([[1.0, 0], [0, 1], [1, 1]]), "probs": torch.tensor([[0.9, 0.2], [0.6, 0.6],
                                                                                        [0.4, 0.7]])}
-    text = report.per_label_csv(["sky", "sea"], train, test, torch.tensor([0.5, 0.6]), strict=False, k=1)
+    text = _csv(train, test, torch.tensor([0.5, 0.6]), strict=False, k=1)
     rows = list(csv.DictReader(io.StringIO(text)))
     # sky: predicted for images 0, 1 (TP 1, FP 1), missed image 2; sea: predicted 1, 2 (both TP).
     # Top-1: image 0 -> sky, image 1 -> sky (a tie goes to the label listed first), image 2 -> sea.
@@ -80,12 +78,14 @@ def test_per_label_csv_counts_originals_and_gan_copies_apart():
     assert rows[1] == {"label": "sea", "train_frequency": "1", "train_gan_copies": "2", "test_frequency": "2",
                        "threshold": "0.6", "precision": "1.0000", "recall": "1.0000", "f1": "1.0000", "ap": "1.0000",
                        "top1_precision": "1.0000", "top1_recall": "0.5000", "top1_f1": "0.6667"}
-    strict = list(csv.DictReader(io.StringIO(report.per_label_csv(["sky", "sea"], train, test,
-                                                                  torch.tensor([0.5, 0.6]), strict=True))))
+    strict = list(csv.DictReader(io.StringIO(_csv(train, test, torch.tensor([0.5, 0.6]), strict=True))))
     assert strict[1]["recall"] == "0.5000"  # 0.6 > 0.6 is false: image 1 no longer gets 'sea'
     empty = {"targets": torch.zeros(2, 2), "probs": torch.full((2, 2), 0.3)}
-    assert list(csv.DictReader(io.StringIO(report.per_label_csv(["sky", "sea"], train, empty, torch.tensor([0.5, 0.5]),
-                                                                 False))))[0]["ap"] == ""
+    assert list(csv.DictReader(io.StringIO(_csv(train, empty, torch.tensor([0.5, 0.5]), False))))[0]["ap"] == ""
+
+
+def _csv(train, test, thresholds, strict, k=5):
+    return report.per_label_csv(["sky", "sea"], report.per_label_table(train, test, thresholds, strict, k), k)
 
 
 def test_evaluation_arrays_round_trip_by_image_name():
@@ -126,20 +126,6 @@ def test_marked_labels_marks_right_wrong_and_missed():
                                 torch.tensor([1, 0, 1, 1]), list("abcd")) == "b ✗, a ✓; missed: c, d"
 
 
-def test_the_figure_is_a_png_of_its_panels_and_display_keeps_the_aspect_ratio(tmp_path):
-    Image.new("RGB", (400, 200), (10, 20, 30)).save(tmp_path / "a.png")
-    image = report.display_image(tmp_path / "a.png", longest_side=100)
-    assert image.shape == (50, 100, 3) and image[0, 0].tolist() == [10, 20, 30]
-    assert report.display_image(tmp_path / "a.png").shape == (160, 320, 3)
-    panels = [{"name": "a.png", "path": tmp_path / "a.png", "truth": "sky", "readable": True, "at_half": "sky ✓",
-               "fitted": "-"}, {"name": "b.png", "path": None, "truth": "sea", "readable": False}]
-    png = report.predictions_figure(panels, "mcc")
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and math.prod(Image.open(io.BytesIO(png)).size) > 0
-    (tmp_path / "bad.png").write_bytes(b"no")
-    with pytest.raises(report.BadImageError, match=r"^Image '.*bad.png' cannot be read \(UnidentifiedImageError: "):
-        report.display_image(tmp_path / "bad.png")
-
-
 def test_figure_panels_show_each_images_own_predictions_and_unreadable_ones_as_such():
     from dataset import Split
     from report import figure_panels
@@ -167,6 +153,8 @@ def test_figure_panels_hold_twelve_images_by_default_and_follow_the_comparison()
     panels = report.figure_panels(split, probs, torch.arange(13), torch.tensor([0.5, 0.5]), ["sky", "sea"])
     assert len(panels) == 12
     assert panels[0] == {"name": "0.jpg", "path": "p0", "truth": "-", "readable": True, "at_half": "sky ✗, sea ✗",
-                         "fitted": "sky ✗, sea ✗"}
+                         "fitted": "sky ✗, sea ✗", "truth_labels": [],
+                         "at_half_marks": [("sky", "wrong"), ("sea", "wrong")],
+                         "fitted_marks": [("sky", "wrong"), ("sea", "wrong")]}
     strict = report.figure_panels(split, probs, torch.arange(13), torch.tensor([0.5, 0.4]), ["sky", "sea"], strict=True)
     assert (strict[0]["at_half"], strict[0]["fitted"]) == ("-", "sea ✗")

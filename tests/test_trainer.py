@@ -411,3 +411,23 @@ def test_a_study_run_says_and_saves_the_studys_weights_fp32_and_cudnn_settings(t
     assert (config["weights_tag"], config["amp"], config["channels_last"], config["cudnn_deterministic"],
             config["cudnn_benchmark"], config["selection_start"]) == ("miil_in21k_ft_in1k", "none", "off", True, False,
                                                                        0.0)
+
+
+@pytest.mark.parametrize("copies, warned", [("flat", True), ("photos", False)])
+def test_augmentation_warns_when_the_gan_copies_are_flat(tiny_dataset, tmp_path, capsys, copies, warned):
+    """--augmentation reads train_aug.json's copies: near-uniform ones (what a GAN trained for a few iterations
+    writes) are said to be flat; copies with the originals' own spread are not."""
+    samples = json.loads((tiny_dataset / "train.json").read_text())["samples"]
+    (tiny_dataset / "aug-images").mkdir()
+    entries = []
+    for s in samples:
+        name = s["image_name"].replace(".jpeg", "_aug.jpeg")
+        original = Image.open(tiny_dataset / "images" / s["image_name"])
+        copy = Image.new("RGB", original.size, (120, 130, 140)) if copies == "flat" else original.transpose(
+            Image.Transpose.FLIP_LEFT_RIGHT)
+        copy.save(tiny_dataset / "aug-images" / name)
+        entries.append({"image_name": name, "image_labels": s["image_labels"], "original": s["image_name"]})
+    (tiny_dataset / "train_aug.json").write_text(json.dumps({"samples": entries}))
+    cli(train_args(tiny_dataset, tmp_path / "runs", "--epochs", "1", "--augmentation"))
+    out = capsys.readouterr().out
+    assert ("Warning: the GAN copies in" in out and "are flat: their pixel spread is 0.00" in out) is warned
