@@ -46,7 +46,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 # Keys that a resumed run takes from the resuming command (how it runs here, not what it trains).
 RUNTIME_KEYS = ("num_workers", "device", "save_dir", "cache")
 # Keys written by training beside the flags: where the run lives, its dataset's absolute folder, when it started.
-RECORD_KEYS = ("run_dir", "data_root", "data_root_from_run", "started", "world_size")
+RECORD_KEYS = ("run_dir", "data_root", "data_root_from_run", "started", "world_size", "precision")
 
 
 def training_config(flags: Mapping[str, Any]) -> dict[str, Any]:

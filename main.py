@@ -146,10 +146,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, help="EMA decay per step")
     g.add_argument("--device", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1 ...")
     g.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"],
-                   help="[recipe] mixed precision: auto = bf16 (or fp16) on CUDA, none on CPU (default recipe: auto; "
-                        "study: none, fp32 as its code). --evaluate/--predict: the run's unless given")
+                   help="[recipe] mixed precision: auto = bf16 (or fp16) on CUDA; on a CPU with native bf16, bf16 for "
+                        "evaluation and for training where a timed probe says it is faster (cpu_precision.py); none on "
+                        "other CPUs (default recipe: auto; study: none, fp32 as its code). --evaluate/--predict: the "
+                        "run's unless given")
     g.add_argument("--channels-last", choices=["auto", "on", "off"],
-                   help="[recipe] channels_last memory format: auto = on for CUDA, off for CPU (default recipe: auto; "
+                   help="[recipe] channels_last memory format: auto = on for CUDA and CPUs with native bf16, off for other "
+                        "CPUs (default recipe: auto; "
                         "study: off). --evaluate/--predict: the run's unless given")
     g.add_argument("--cudnn-deterministic", action=BOOL,
                    help="[recipe] torch.backends.cudnn.deterministic (default recipe: off, torch's default; study: on)")
@@ -216,6 +219,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-score", type=float, default=None, metavar="S",
                    help="--predict: only labels scoring at least S (with --top-k: at most K labels, none below S)")
     g.add_argument("--compare", default=None, nargs="+", metavar="RUN_DIR", help="one markdown table of several runs")
+    g.add_argument("--quantize", default=None, choices=["int8"],
+                   help="--export onnx: a static int8 model (ONNX Runtime, QDQ, per-channel weights) calibrated on the "
+                        "run's training images, its test mAP and per-class F1 measured beside fp32 (<run>/model.int8.onnx)")
+    g.add_argument("--max-map-drop", type=float, default=1.0, metavar="POINTS",
+                   help="--quantize: refuse the int8 model (nothing written) when it loses more test mAP than this")
+    g.add_argument("--calibration-images", type=int, default=128, metavar="N",
+                   help="--quantize: training images (a seeded sample) that calibrate the activation ranges")
+    g.add_argument("--int8-thresholds", default="run", choices=["run", "refit"],
+                   help="--quantize: the run's thresholds, or thresholds refitted on the int8 model's own predictions "
+                        "of the run's threshold split")
     g.add_argument("--export", default=None, choices=["onnx"],
                    help="the run's best.pth with its thresholds as one ONNX file (<run>/model.onnx or --output), "
                         "checked against PyTorch; --predict PATH --checkpoint model.onnx then needs ONNX Runtime only")
@@ -246,6 +259,8 @@ RANGES = {
     "top_k": ("at least 1", lambda v: v >= 1),
     "min_score": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
     "threshold_grid": ("probabilities strictly between 0 and 1", lambda v: all(0 < t < 1 for t in v)),
+    "max_map_drop": ("a number of mAP points >= 0", lambda v: 0 <= v < math.inf),
+    "calibration_images": ("at least 1", lambda v: v >= 1),
 }
 
 
@@ -300,7 +315,8 @@ def main(args: argparse.Namespace):
     if mode == "export":
         from export import export_run
 
-        return export_run(run_dir, args.output and Path(args.output), args.data, args.model)
+        return export_run(run_dir, args.output and Path(args.output), args.data, args.model, args.quantize,
+                          args.max_map_drop, args.calibration_images, args.int8_thresholds == "refit")
     return evaluate(run_dir, args)
 
 

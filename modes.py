@@ -23,7 +23,7 @@ MODE_FLAGS = {
                  "threshold_min_positives", "threshold_shrinkage", "folds", "top_k"),
     "predict": ("predict", *FIND_RUN, *(f for f in RUNTIME if f != "skip_bad_images"), "output", "top_k", "min_score",
                 "overwrite"),  # --predict always skips unreadable images, and lists them
-    "export": ("export", *FIND_RUN, "output"),
+    "export": ("export", *FIND_RUN, "output", "quantize", "max_map_drop", "calibration_images", "int8_thresholds"),
     "compare": ("compare",),
 }
 # What a Ctrl-C outside the steps that save their own progress leaves behind (training saves last.pth at its next

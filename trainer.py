@@ -28,6 +28,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
+import cpu_precision
 from augment import TrainAugmentation, make_train_augmentation
 from checkpoint import (CSVLogger, check_vocabulary, load_checkpoint, restore_training_state, save_checkpoint,
                         training_state)
@@ -37,7 +38,8 @@ from dashboard import TrainingEvents
 from DataAugmentation.files import FLAT_RATIO, copies_spread
 from dataset import COREL5K_STATISTICS, AnnotationDataset, DatasetSplits, make_loader
 from distributed import World, broadcast_object, get_device, init_distributed, say, sum_across_ranks
-from engine import BatchPreprocessor, EpochProgress, Precision, evaluate, resolve_precision, train_one_epoch
+from engine import (BatchPreprocessor, EpochProgress, Precision, cpu_has_native_bf16, evaluate, resolve_precision,
+                    train_one_epoch)
 from image_cache import build_cache, channel_statistics
 from models import AnnotationModel, count_trainable_parameters, normalisation
 from recipes import describe
@@ -152,6 +154,7 @@ class Parts:
     preprocess: BatchPreprocessor
     device: torch.device
     normalisation: dict[str, list[float]]  # {"mean": (3,), "std": (3,)} the inputs are normalised with
+    precision: Precision  # what training runs at (recorded in config.json)
 
 
 def input_normalisation(config: Mapping[str, Any], data: DatasetSplits, model: AnnotationModel,
@@ -172,13 +175,34 @@ def input_normalisation(config: Mapping[str, Any], data: DatasetSplits, model: A
     return [float(v) for v in mean], [float(v) for v in std]
 
 
+PRECISION_NAMES = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def training_precision(config: Mapping[str, Any], model, criterion, mean, std, device: torch.device,
+                       num_classes: int, world: World) -> Precision:
+    """The run's training precision: the one config.json records (a resumed run keeps it), else --amp/--channels-last
+    resolved, --amp auto on a CPU with native bf16 deciding bf16 by measuring (cpu_precision; rank 0 decides)."""
+    recorded = config.get("precision")
+    if recorded:
+        amp = {name: dtype for dtype, name in PRECISION_NAMES.items()}[recorded["amp"]]
+        return Precision(amp, recorded["channels_last"])
+    measure = config["amp"] == "auto" and device.type == "cpu" and cpu_has_native_bf16()
+    bf16 = None
+    if measure and world.is_main:
+        bf16 = cpu_precision.train_bf16(model, criterion, mean, std, dict(config), num_classes)
+    bf16 = bool(broadcast_object(bf16)) if measure else False
+    return resolve_precision(config["amp"], config["channels_last"], device, training=True, train_bf16=bf16)
+
+
 def prepare_parts(config: Mapping[str, Any], data: DatasetSplits, loaders: Loaders, world: World,
-                  device: torch.device, precision: Precision) -> Parts:
-    """`build_training`, then the memory format, the fp16 scaler, the batch preprocessor and DDP / compile."""
+                  device: torch.device) -> Parts:
+    """`build_training`, then the precision (`training_precision`), memory format, fp16 scaler, batch preprocessor
+    and DDP / compile."""
     model, criterion, optimizer, scheduler, ema = build_training(
         config, device, len(data.vocabulary), len(loaders.train), train_targets=data.train.targets,
         vocabulary=data.vocabulary)
     mean, std = input_normalisation(config, data, model, loaders.train_cache, world)
+    precision = training_precision(config, model, criterion, mean, std, device, len(data.vocabulary), world)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler(device.type) if precision.amp_dtype is torch.float16 else None
@@ -192,7 +216,7 @@ def prepare_parts(config: Mapping[str, Any], data: DatasetSplits, loaders: Loade
         forward_model = torch.compile(forward_model)
     preprocess = BatchPreprocessor(mean, std, device, precision)
     return Parts(model, forward_model, criterion, optimizer, scheduler, ema, scaler, preprocess, device,
-                 {"mean": mean, "std": std})
+                 {"mean": mean, "std": std}, precision)
 
 
 # ---------------------------------------------------------------- 4. run directory, checkpoints, resume
@@ -218,19 +242,22 @@ def snapshot(parts: Parts, state: RunState, config: Mapping[str, Any], vocabular
                           normalisation=parts.normalisation, weights=weights, best_source=best_source)
 
 
-def start_run(config: Mapping[str, Any], data: DatasetSplits, world: World) -> tuple[dict, RunState]:
-    """A fresh run directory (rank 0 creates it and writes config.json: the training keys, where the dataset is and
-    when training started); returns (config with run_dir, state)."""
+def start_run(config: Mapping[str, Any], data: DatasetSplits, world: World,
+              precision: Precision) -> tuple[dict, RunState]:
+    """A fresh run directory (rank 0 creates it and writes config.json: the training keys, where the dataset is,
+    when training started and the precision it trains at); returns (config with run_dir, state)."""
     run_dir, new_save_dir = None, not Path(config["save_dir"]).exists()
+    # The same record in config.json and in every checkpoint's config, as a resumed run reads it back.
+    recorded = {"amp": PRECISION_NAMES[precision.amp_dtype], "channels_last": precision.channels_last}
     if world.is_main:
         run_dir = make_run_dir(config["save_dir"], config["model"], config["loss_function"], config["data"],
                                config["run_name"])
         started = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         save_config(run_dir, config, {"run_dir": str(run_dir), **data_records(run_dir, data.root),
-                                      "started": started, "world_size": world.world_size})
+                                      "started": started, "world_size": world.world_size, "precision": recorded})
     run_dir = Path(broadcast_object(str(run_dir)))
     say(f"Run directory: {run_dir}")
-    return ({**config, "run_dir": str(run_dir), "world_size": world.world_size},
+    return ({**config, "run_dir": str(run_dir), "world_size": world.world_size, "precision": recorded},
             RunState(run_dir, best=config["selection_start"], new_save_dir=new_save_dir))
 
 
@@ -393,7 +420,6 @@ def train(config: Mapping[str, Any]) -> Path:
     if world.is_main:
         check_writable(config["resume"] or config["save_dir"], "give --save-dir a folder you can write to")
     say(f"Recipe {config['recipe']}: " + "; ".join(f"{row}: {value}" for row, value in describe(config)[1:]))
-    precision = resolve_precision(config["amp"], config["channels_last"], device)
     apply_cudnn(config)
     data = load_data(config["data"], config, config["skip_bad_images"], world)
     if config["augmentation"] and world.is_main:
@@ -402,14 +428,14 @@ def train(config: Mapping[str, Any]) -> Path:
         say("Protocol: --select-on-test, the study's original protocol: the best epoch is chosen on the TEST set, "
             "so test figures are optimistic.")
     loaders = build_loaders(config, data, world, device)
-    parts = prepare_parts(config, data, loaders, world, device, precision)
+    parts = prepare_parts(config, data, loaders, world, device)
     if config["resume"]:
         state = resume_run(config, parts, data.vocabulary)
     else:
-        config, state = start_run(config, data, world)
+        config, state = start_run(config, data, world, parts.precision)
     say(f"{config['model']} ({count_trainable_parameters(parts.model):,} trainable parameters) + "
-        f"{config['loss_function']} on {device} ({'fp32' if precision.amp_dtype is None else precision.amp_dtype}, "
-        f"{'channels_last' if precision.channels_last else 'NCHW'}); splits {data.sizes()}")
+        f"{config['loss_function']} on {device} ({PRECISION_NAMES[parts.precision.amp_dtype].replace('none', 'fp32')}"
+        f", {'channels_last' if parts.precision.channels_last else 'NCHW'}); splits {data.sizes()}")
     say(f"Inputs normalised with mean {parts.normalisation['mean']}, std {parts.normalisation['std']}.")
     try:
         run_epochs(parts, loaders, data, config, state, world)

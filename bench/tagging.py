@@ -1,13 +1,16 @@
 """Folder tagging speed: --predict's streaming tagger (PyTorch, and ONNX Runtime on the exported file) against a plain
 per-image loop, on the same generated images and the same model, in one run.
 
-    python bench/tagging.py                   # TinyResNet at 64 px and EfficientNet-Lite0 at 96 px, 512 images
+    python bench/tagging.py                   # TinyResNet at 64 px, EfficientNet-Lite0 at 96 and 224 px, 512 images
     python bench/tagging.py --images 128      # quicker
 
 The reference is what one writes first: for each file, PIL open, convert, resize, ToTensor + Normalize, the model on a
 batch of one, the sigmoid. The project: predict._tag, i.e. the DataLoader with --num-workers processes decoding uint8
-batches while the model runs, batches of --batch-size, each batch's rows appended to a CSV; with ONNX Runtime the
-exported graph (normalisation and sigmoid inside). Variants are interleaved, each repeated; rates are medians.
+batches while the model runs, batches of --batch-size, each batch's rows appended to a CSV: with PyTorch in fp32 and at
+the precision --predict uses on this CPU (bf16 + channels_last where the CPU has native bf16), with ONNX Runtime on the
+exported fp32 graph (normalisation and sigmoid inside) and on its static int8 quantisation (export.quantize_int8,
+calibrated on 32 of the images); and the two ONNX files alone on batches decoded beforehand (what int8 changes, without
+the decoding that shares the 2 cores). Variants are interleaved, each repeated; rates are medians.
 """
 from __future__ import annotations
 
@@ -32,11 +35,13 @@ from PIL import Image  # noqa: E402
 
 import predict  # noqa: E402
 from config import Runtime  # noqa: E402
-from export import Annotator, OnnxAnnotator, onnx_bytes  # noqa: E402
+from dataset import load_image  # noqa: E402
+from engine import resolve_precision  # noqa: E402
+from export import Annotator, OnnxAnnotator, onnx_bytes, quantize_int8  # noqa: E402
 from models import create_model, normalisation  # noqa: E402
 from utils import atomic_write_json  # noqa: E402
 
-MODELS = (("TinyResNet", 64), ("EfficientNetLite0", 96))  # the demo's sizes
+MODELS = (("TinyResNet", 64), ("EfficientNetLite0", 96), ("EfficientNetLite0", 224))  # the demo's sizes, and 224
 
 
 def stand_in_images(folder: Path, count: int) -> list[Path]:
@@ -78,19 +83,37 @@ def variants(name: str, size: int, paths, workers: int, batch: int) -> dict:
     annotator = Annotator(model, mean, std)
     meta = {"vocabulary": "[]", "thresholds": "[]", "threshold_compare": "ge", "image_size": str(size),
             "mean": "[]", "std": "[]"}
-    onnx = OnnxAnnotator(onnx_bytes(annotator, size, meta))
+    fp32 = onnx_bytes(annotator, size, meta)
+    onnx = OnnxAnnotator(fp32)
+    calibration = np.stack([load_image(p, size).numpy() for p in paths[:32]])  # (32, 3, S, S) uint8
+    int8 = OnnxAnnotator(quantize_int8(fp32, calibration))
+    decoded = [np.stack([load_image(p, size).numpy() for p in paths[i:i + batch]])  # (B, 3, S, S) uint8
+               for i in range(0, len(paths), batch)]
     vocabulary, thresholds = [str(j) for j in range(260)], torch.full((260,), 0.5)
+    default = resolve_precision("auto", "auto", torch.device("cpu"))  # what --predict runs a run at on this CPU
+    fast = Annotator(model, mean, std).to(memory_format=torch.channels_last if default.channels_last else
+                                          torch.contiguous_format)
 
     def torch_score(images):
         with torch.no_grad():
             return annotator(images)
 
+    def default_score(images):
+        with torch.no_grad(), default.autocast(torch.device("cpu")):
+            return fast(images).float()
+
     make = lambda score: predict.Predictor(score, vocabulary, thresholds, "ge", size, Path("."), Path("x"))  # noqa: E731
     return {
         "per-image loop (PyTorch)": lambda: per_image_loop(model, paths, size, mean, std),
         "tagger, PyTorch": lambda: tagger(make(torch_score), paths, workers, batch),
+        "tagger, PyTorch, default precision": lambda: tagger(make(default_score), paths, workers, batch),
         "tagger, ONNX Runtime": lambda: tagger(make(lambda im: torch.from_numpy(onnx.probabilities(im.numpy()))),
                                                paths, workers, batch),
+        "tagger, ONNX Runtime int8": lambda: tagger(make(lambda im: torch.from_numpy(int8.probabilities(im.numpy()))),
+                                                    paths, workers, batch),
+        # The model alone on batches decoded beforehand: what int8 changes, without the decoding that shares the CPU.
+        "model only, ONNX Runtime": lambda: [onnx.probabilities(x) for x in decoded],
+        "model only, ONNX Runtime int8": lambda: [int8.probabilities(x) for x in decoded],
     }
 
 
@@ -127,7 +150,12 @@ def main(argv=None) -> dict:
     for model, rows in results.items():
         for label, row in rows.items():
             print(f"| {model} | {label} | {row['images_per_s']:.0f} | {row['speed_up']:.2f}x |")
-    atomic_write_json(args.json, {"settings": vars(args), "results": results})
+    int8 = {model: {kind: rows[f"{kind}, ONNX Runtime int8"]["images_per_s"] / rows[f"{kind}, ONNX Runtime"]["images_per_s"]
+                    for kind in ("tagger", "model only")} for model, rows in results.items()}
+    for model, ratio in int8.items():
+        print(f"{model}: int8 / fp32 ONNX Runtime: {ratio['model only']:.2f}x the model alone, "
+              f"{ratio['tagger']:.2f}x tagging a folder (decoding included)")
+    atomic_write_json(args.json, {"settings": vars(args), "results": results, "int8_over_fp32": int8})
     return results
 
 

@@ -48,9 +48,11 @@ def shared_datasets() -> Path:
 
 def train_args(data, save_dir, *extra) -> list[str]:
     """main.py flags for a seconds-long CPU run of TinyResNet at 32 px on `data`, runs under `save_dir`."""
+    # fp32 NCHW on any CPU, so that the tests' arithmetic is the same everywhere (--amp auto is tested on its own)
     return ["--data", str(data), "--model", "TinyResNet", "--no-pretrained", "--image-size", "32", "--batch-size", "8",
             "--val-size", "6", "--num-workers", "0", "--no-progress", "--save-dir", str(save_dir),
-            "--loss-function", "AsymmetricLoss", "--learning-rate", "3e-3", *extra]
+            "--loss-function", "AsymmetricLoss", "--learning-rate", "3e-3", "--amp", "none", "--channels-last", "off",
+            *extra]
 
 
 def run_dirs(save_dir: Path) -> list[Path]:
@@ -103,7 +105,7 @@ def make_run(root: Path, data: Path, thresholds=None, compare: str = "ge", sharp
     vocabulary = json.loads((data / "train.json").read_text())["labels"]
     config = resolve(training_config({"model": "TinyResNet", "pretrained": False, "image_size": 32, "data": str(data),
                                       "val_size": 6, "num_workers": 0, "batch_size": 8, "save_dir": str(root),
-                                      **flags}))
+                                      "amp": "none", "channels_last": "off", **flags}))
     save_config(run_dir, config, {"run_dir": str(run_dir), **data_records(run_dir, data),
                                   "started": "2026-01-01T00:00:00+00:00", "world_size": 1})
     torch.manual_seed(0)
@@ -116,7 +118,8 @@ def make_run(root: Path, data: Path, thresholds=None, compare: str = "ge", sharp
     torch.save(ckpt, run_dir / "best.pth")
     if thresholds is not None:
         record = {"labels": vocabulary, "thresholds": [float(t) for t in thresholds], "compare": compare,
-                  "method": "mcc", "split": "val", "transform": "eval", "fallback": "default", "grid": [],
+                  "method": "mcc", "split": "val", "transform": "eval", "fallback": "default",
+                  "grid": [round(0.05 * k, 2) for k in range(1, 15)],
                   "min_positives": 0, "shrinkage": 0.0, "folds": None, "data": str(data),
                   "checkpoint": checkpoint_identity(ckpt), "evaluated": "2026-01-01T00:00:00+00:00"}
         (run_dir / "thresholds.json").write_text(json.dumps(record))

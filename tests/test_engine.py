@@ -32,8 +32,11 @@ def test_epoch_flips_depend_on_seed_and_epoch_only():
     assert a.dtype == torch.bool and 400 < int(a.sum()) < 600
 
 
-def test_precision_defaults_on_cpu_and_fp16_needs_cuda():
+def test_precision_defaults_on_cpu_and_fp16_needs_cuda(monkeypatch):
+    import engine
+
     cpu = torch.device("cpu")
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)  # the rest of the matrix: test_cpu_precision.py
     auto = resolve_precision("auto", "auto", cpu)
     assert auto.amp_dtype is None and not auto.channels_last
     assert resolve_precision("bf16", "on", cpu).amp_dtype is torch.bfloat16

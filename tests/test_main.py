@@ -140,6 +140,8 @@ def test_modes_cannot_be_combined(flags, capsys):
     (["--output", "tags", "--min-score", "0.5"], "--output does not apply to training (only --predict and --export "
                                                  "read it); --min-score does not apply to training (only --predict"),
     (["--threshold-grid", "0.2", "0.4"], "--threshold-grid does not apply to training"),
+    (["--quantize", "int8"], "--quantize does not apply to training"),
+    (["--predict", "x", "--max-map-drop", "2"], "--max-map-drop does not apply to --predict"),
 ])
 def test_flags_the_mode_does_not_read_are_refused_not_ignored(flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as stop:
@@ -278,6 +280,10 @@ BAD_INPUTS = {  # name -> (flags, with {root} {data} {run} ... filled from the f
     "top-k of 0": (["--predict", "{data}/images", "--checkpoint", "{run}", "--top-k", "0"], "--top-k must be at least 1"),
     "min score of 2": (["--predict", "{data}/images", "--checkpoint", "{run}", "--min-score", "2"],
                        "--min-score must be a probability"),
+    "negative int8 mAP bound": (["--export", "onnx", "--quantize", "int8", "--checkpoint", "{run}", "--max-map-drop",
+                                 "-1"], "--max-map-drop must be a number of mAP points >= 0 (got -1.0)"),
+    "no calibration images": (["--export", "onnx", "--quantize", "int8", "--checkpoint", "{run}",
+                               "--calibration-images", "0"], "--calibration-images must be at least 1 (got 0)"),
     "two modes": (["--evaluate", "--export", "onnx"], "--evaluate and --export cannot be combined"),
     "training flag to evaluate": (["--evaluate", "--checkpoint", "{run}", "--epochs", "3"],
                                   "--epochs does not apply to --evaluate"),

@@ -336,7 +336,7 @@ def test_the_ema_is_kept_exactly_when_it_scores_better_and_best_pth_then_holds_i
             p.add_(1.0)  # the EMA's weights differ from the model's
     parts = trainer.Parts(model, model, criterion, optimizer, scheduler, ema, None,
                           trainer.BatchPreprocessor((0, 0, 0), (1, 1, 1), torch.device("cpu")), torch.device("cpu"),
-                          {"mean": [0, 0, 0], "std": [1, 1, 1]})
+                          {"mean": [0, 0, 0], "std": [1, 1, 1]}, trainer.Precision())
     state = trainer.RunState(tmp_path)
     scripted = iter([(0.5, 0.4), (0.45, 0.6), (0.55, 0.6), (0.7, 0.7)])  # (model, EMA) per epoch
     scores = {}

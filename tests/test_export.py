@@ -1,0 +1,157 @@
+"""export.py, int8: a static quantised model calibrated on the run's training images, its test mAP and per-class F1
+measured beside fp32 before anything is written, refused (nothing written) when it loses too much, tagging as the fp32
+file does except within the quantisation error of a threshold, and its thresholds optionally refitted."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import matthews_corrcoef
+
+import export
+from conftest import make_run, write_dataset
+from dataset import load_image
+from main import get_args_parser, main
+from utils import UserError
+
+pytest.importorskip("onnxruntime")
+GRID = [round(0.05 * k, 2) for k in range(1, 15)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    data = write_dataset(tmp_path_factory.mktemp("data") / "tiny", n_train=40, n_test=16)
+    return make_run(tmp_path_factory.mktemp("runs"), data, thresholds=[0.35, 0.5, 0.42, 0.6, 0.28]), data
+
+
+def run_main(*argv):
+    return main(get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def test_int8_tags_like_fp32_except_within_the_quantisation_error_of_a_threshold(run, tmp_path):
+    run_dir, data = run
+    run_main("--export", "onnx", "--checkpoint", run_dir, "--output", tmp_path / "model.onnx")
+    done = run_main("--export", "onnx", "--quantize", "int8", "--checkpoint", run_dir, "--calibration-images", 16)
+    int8_path = run_dir / "model.int8.onnx"
+    assert done["path"] == str(int8_path) and int8_path.is_file()
+    fp32, int8 = export.OnnxAnnotator(tmp_path / "model.onnx"), export.OnnxAnnotator(int8_path)
+    assert int8.vocabulary == fp32.vocabulary and torch.equal(int8.thresholds, fp32.thresholds)
+    names = sorted(p.name for p in (data / "images").iterdir())
+    images = np.stack([load_image(data / "images" / n, 32).numpy() for n in names])  # (N, 3, S, S)
+    p32, p8 = fp32.probabilities(images), int8.probabilities(images)
+    error = float(np.abs(p8 - p32).max())
+    assert 0 < error < 0.1  # quantised (not the same graph), and close
+    t = fp32.thresholds.numpy()
+    safe = np.abs(p32 - t) > error  # (N, C) decisions no quantisation error can flip
+    assert safe.mean() > 0.5 and ((p32 >= t) != (p32 >= 0.5)).any()
+    rows = {r["image"].rsplit("/", 1)[-1]: {x["label"] for x in r["labels"]}
+            for r in run_main("--predict", data / "images", "--checkpoint", int8_path, "--num-workers", 0,
+                              "--no-progress", "--output", tmp_path / "int8_tags")}
+    for i, name in enumerate(names):
+        for c, label in enumerate(fp32.vocabulary):
+            if safe[i, c]:
+                assert (label in rows[name]) == bool(p32[i, c] >= t[c]), (name, label)
+    meta = int8.session.get_modelmeta().custom_metadata_map
+    settings, measured = json.loads(meta["quantization"]), json.loads(meta["accuracy"])
+    assert settings["format"] == "QDQ" and settings["calibration_images"] == 16 and settings["thresholds"] == "the run's"
+    assert settings["operators"] == ["Conv", "Relu", "Clip", "Add", "MaxPool"]
+    import onnx
+
+    graph = onnx.load(str(int8_path)).graph
+    initialisers = {i.name: i.data_type for i in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    classifier = [n for n in graph.node if n.op_type == "Gemm"]
+    # Convolution weights int8 (behind a DequantizeLinear), the classifier's fp32: only QUANTIZED_OPS are quantised.
+    weight_of = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert convs and all(initialisers.get(weight_of.get(n.input[1])) == onnx.TensorProto.INT8 for n in convs)
+    assert classifier and all(initialisers.get(n.input[1]) == onnx.TensorProto.FLOAT for n in classifier)
+    assert set(measured) == {"fp32", "int8", "mAP_drop"}
+    assert measured["mAP_drop"] == pytest.approx(measured["fp32"]["mAP"] - measured["int8"]["mAP"])
+
+
+def test_an_int8_model_that_loses_too_much_is_refused_and_nothing_is_written(run, tmp_path):
+    run_dir, _ = run
+    with pytest.raises(export.ExportError, match="more than --max-map-drop -100; nothing was written"):
+        export.export_run(run_dir, tmp_path / "m.int8.onnx", quantize="int8", max_map_drop=-100, calibration_images=8)
+    assert not (tmp_path / "m.int8.onnx").exists() and not list(tmp_path.iterdir())
+
+
+def test_refitted_int8_thresholds_are_fitted_on_the_int8_models_own_predictions(run, tmp_path):
+    from components import load_data
+    from distributed import World
+    from runs import load_config
+
+    run_dir, data = run
+    export.export_run(run_dir, tmp_path / "refit.onnx", quantize="int8", calibration_images=8, refit_thresholds=True,
+                      max_map_drop=100)  # 16 test images of a tiny model: the bound is not what is tested here
+    int8 = export.OnnxAnnotator(tmp_path / "refit.onnx")
+    val = load_data(str(data), load_config(run_dir), False, World()).val  # thresholds.json: fitted on val
+    images = np.stack([load_image(p, 32).numpy() for p in val.paths])
+    p, y = int8.probabilities(images).astype(np.float64), val.targets.numpy().astype(int)
+    expected = []
+    for c in range(y.shape[1]):
+        scores = [matthews_corrcoef(y[:, c], (p[:, c] >= g).astype(int)) for g in GRID]
+        expected.append(0.5 if max(abs(s) for s in scores) == 0 else GRID[int(np.argmax(scores))])
+    np.testing.assert_allclose(int8.thresholds.numpy(), expected, atol=1e-6)
+    meta = int8.session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["quantization"])["thresholds"] == "refitted on the int8 model's val predictions"
+    assert "int8_refit" in json.loads(meta["accuracy"])
+
+
+# ---------------------------------------------------------------- the fp32 file, every part (fast)
+
+def test_the_exported_file_runs_any_batch_and_carries_what_a_user_needs(run, tmp_path, capsys):
+    run_dir, data = run
+    done = run_main("--export", "onnx", "--checkpoint", run_dir)
+    path = run_dir / "model.onnx"  # the default place
+    assert done["path"] == str(path) and done["images"] == 16 and 0 <= done["max_abs_difference"] < export.TOLERANCE
+    out = capsys.readouterr().out
+    assert f"ONNX Runtime and PyTorch agree to {done['max_abs_difference']:.1e} on 16 test images." in out
+    assert out.splitlines()[-1] == f"Wrote {path}." and out.startswith("Thresholds: MCC thresholds fitted on val")
+    annotator = export.OnnxAnnotator(path, threads=1)
+    meta = annotator.session.get_modelmeta().custom_metadata_map
+    assert meta["input"].startswith("uint8 RGB (batch, 3, 32, 32), each image resized to 32 x 32 bilinearly")
+    assert (annotator.mean, annotator.std) == ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # TinyResNet's own
+    assert annotator.thresholds.dtype == torch.float32 and annotator.image_size == 32
+    images = np.stack([load_image(p, 32).numpy() for p in sorted((data / "images").iterdir())[:3]])
+    three = annotator.probabilities(images)
+    assert three.shape == (3, 5) and three.dtype == np.float32
+    np.testing.assert_allclose(annotator.probabilities(images[1:2]), three[1:2], atol=1e-6)  # any batch size
+    np.testing.assert_allclose(annotator.probabilities(images.astype(np.int64)), three, atol=1e-6)  # cast to uint8
+    with pytest.raises(UserError, match="was made with TinyResNet, but ResNet18 was asked for"):
+        run_main("--export", "onnx", "--checkpoint", run_dir, "--model", "ResNet18", "--output", tmp_path / "x.onnx")
+
+
+def test_files_that_onnx_runtime_cannot_use_are_one_sentence(tmp_path):
+    with pytest.raises(export.ExportError, match=r"^'the exported model' cannot be opened by ONNX Runtime \("):
+        export.OnnxAnnotator(b"not a model")
+    (tmp_path / "x.onnx").write_bytes(b"not a model")
+    with pytest.raises(export.ExportError, match=rf"^'{tmp_path / 'x.onnx'}' cannot be opened by ONNX Runtime \("
+                                                 r"(InvalidProtobuf|Fail|RuntimeError)"):
+        export.OnnxAnnotator(tmp_path / "x.onnx")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 4, 4))
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (torch.zeros(1, 3, 4, 4),), buffer, dynamo=False, input_names=["images"])
+    with pytest.raises(export.ExportError, match=r"^This ONNX file was not exported by this repository \(no vocabulary "
+                                                 r"in its metadata\); export one with --export onnx --checkpoint "
+                                                 r"RUN_DIR\.$"):
+        export.OnnxAnnotator(buffer.getvalue())
+
+
+def test_a_model_with_non_finite_outputs_is_not_exported(tmp_path):
+    data = write_dataset(tmp_path / "tiny")
+    broken = make_run(tmp_path / "runs", data, thresholds=[0.5] * 5, sharpen=float("nan"))
+    with pytest.raises(export.ExportError) as error:
+        export.export_run(broken, tmp_path / "nan.onnx")
+    assert str(error.value).startswith("The model gives non-finite probabilities (NaN or inf) on the check images "
+                                       "(PyTorch: 10, ONNX Runtime: 10 of 10); its weights may be damaged.")
+    assert not (tmp_path / "nan.onnx").exists()
+
+
+def test_the_check_images_skip_an_unreadable_test_image(tmp_path):
+    data = write_dataset(tmp_path / "tiny")
+    (data / "images" / "10003.jpeg").write_bytes(b"broken")
+    run_dir = make_run(tmp_path / "runs", data, thresholds=[0.5] * 5)
+    assert export.export_run(run_dir, tmp_path / "m.onnx")["images"] == 9  # 10 test images, one unreadable
