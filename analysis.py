@@ -14,6 +14,11 @@ this module never touches pyplot's global state or the interactive backend.
 """
 from __future__ import annotations
 
+import startup
+
+if __name__ == "__main__":
+    startup.guard()  # a Ctrl-C while torch loads: one line, not a traceback
+
 import argparse
 import csv
 import io
@@ -595,4 +600,5 @@ def cli(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    startup.started()
     cli()

@@ -21,6 +21,11 @@ temporary folder beside OUT and renamed into place at the end: an import that st
 """
 from __future__ import annotations
 
+import startup
+
+if __name__ == "__main__":
+    startup.guard()  # a Ctrl-C while torch loads: one line, not a traceback
+
 import argparse
 import csv
 import os
@@ -447,4 +452,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    startup.started()
     sys.exit(main())

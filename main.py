@@ -8,6 +8,11 @@ Also runs from Spyder as `run main.py --model TResNet --loss-function Asymmetric
 """
 from __future__ import annotations
 
+import startup
+
+if __name__ == "__main__":
+    startup.guard()  # a Ctrl-C while torch loads: one line, not a traceback
+
 import argparse
 import math
 import sys
@@ -372,4 +377,5 @@ def cli(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    startup.started()
     cli()

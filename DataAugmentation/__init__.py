@@ -7,6 +7,13 @@ train.py   per-image random streams, gradient penalty, the training loop of one 
 files.py   real-image preprocessing, atomic output files, train_aug.json
 cli.py     the resumable command line
 """
+import sys
+
+if sys.argv[:1] == ["-m"]:  # `python -m DataAugmentation` is being located (Python's rule): a Ctrl-C while torch
+    import startup           # loads is one line, not a traceback
+
+    startup.guard()
+
 from .cli import get_args_parser, main, run
 from .files import (finished_images, fakes_to_images, load_real_image, output_names, save_outputs,
                     write_train_aug)
