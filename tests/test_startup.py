@@ -14,9 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("argv", [
-    ["main.py", "--data", "nowhere"], ["importer.py", "nowhere.csv", "out"],
+    ["main.py", "--data", "nowhere"], ["importer.py", "nowhere.csv", "out"], ["reproduce.py", "--quick", "--dry-run"],
     ["analysis.py", "gradients"], ["-m", "DataAugmentation", "--data", "nowhere"],
-], ids=["main", "importer", "analysis", "gan"])
+], ids=["main", "importer", "reproduce", "analysis", "gan"])
 def test_a_ctrl_c_while_loading_is_one_line(argv, tmp_path):
     process = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
