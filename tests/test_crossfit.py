@@ -101,7 +101,7 @@ def test_a_fold_cache_interrupted_while_written_leaves_no_file_a_later_evaluate_
     import utils
 
     out = {"probs": torch.rand(4, 3), "targets": torch.randint(0, 2, (4, 3)), "rows": torch.tensor([5, 1, 7, 2])}
-    path = tmp_path / "folds" / "fold0of5.npz"
+    path = tmp_path / "run" / "folds" / "fold0of5.npz"  # neither folder exists yet
     crossfit.save_fold(path, out)
     saved = np.load(path)
     for key, value in out.items():
@@ -110,7 +110,7 @@ def test_a_fold_cache_interrupted_while_written_leaves_no_file_a_later_evaluate_
     def ctrl_c(*args):  # the write is done, the rename never happens
         raise KeyboardInterrupt
 
-    other = tmp_path / "folds" / "fold1of5.npz"
+    other = tmp_path / "run" / "folds" / "fold1of5.npz"
     monkeypatch.setattr(utils.os, "replace", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         crossfit.save_fold(other, out)
@@ -204,15 +204,21 @@ def test_out_of_fold_trains_each_missing_fold_once_routes_its_rows_and_reuses_it
     def train(fold_config):
         k, folds = fold_config["hold_out_fold"]
         asked.append((k, folds, fold_config["resume"], fold_config["save_dir"], fold_config["run_name"],
-                      fold_config["num_workers"], fold_config["learning_rate"]))
+                      fold_config["num_workers"], fold_config["device"], fold_config["progress"],
+                      fold_config["learning_rate"]))
         name = run_dir_name("TinyResNet", "AsymmetricLoss", str(data), f"fold{k}of{folds}")
         return make_run(Path(fold_config["save_dir"]), data, sharpen=2.0 + 3 * k, name=name)
 
-    runtime = Runtime(num_workers=0, batch_size=4, progress=False)
+    runtime = Runtime(num_workers=0, batch_size=4, progress=False, device="cpu")  # the run's: 0 workers, auto
     out = crossfit.out_of_fold(run_dir, config, load_data(str(data), config, False, World()), 3, runtime, train)
     folds_dir = str(run_dir / "folds")
-    assert asked == [(k, 3, None, folds_dir, f"fold{k}of3", 0, config["learning_rate"]) for k in range(3)]
-    assert capsys.readouterr().out.count("Cross-fitting: fold") == 3
+    assert asked == [(k, 3, None, folds_dir, f"fold{k}of3", 0, "cpu", False, config["learning_rate"])
+                     for k in range(3)]
+    said = capsys.readouterr().out.splitlines()
+    held_out = [int((fold_of(train_split, 3, config["seed"]) == k).sum()) for k in range(3)]
+    assert [line for line in said if line.startswith("Cross-fitting")] == [
+        f"Cross-fitting: fold {k + 1} of 3, a model trained without {held_out[k]} of the {len(train_split)} training "
+        f"images (K = 3 extra trainings in all; finished folds are reused)." for k in range(3)]
     assert out["indices"].tolist() == list(range(len(train_split)))  # every original, in training order
     torch.testing.assert_close(out["targets"], train_split.targets)
     fold = fold_of(train_split, 3, config["seed"])
@@ -257,12 +263,15 @@ def test_a_fold_with_a_last_checkpoint_is_resumed_and_folds_of_another_dataset_a
         return Path(fold_config["resume"]) if fold_config["resume"] else make_run(
             Path(fold_config["save_dir"]), data, name=f"TinyResNet_AsymmetricLoss_tiny_{fold_config['run_name']}")
 
-    with pytest.raises(UserError, match="is not trained yet, and this command cannot train"):
+    with pytest.raises(UserError, match=r"^Fold 1 of 2 of .* is not trained yet, and this command cannot train"):
         crossfit.out_of_fold(run_dir, config, splits, 2, runtime, None)
     crossfit.out_of_fold(run_dir, config, splits, 2, runtime, train)
     assert asked == [(str(fold_dir), None), (None, [1, 2])]
     saved = np.load(run_dir / "folds" / "fold0of2.npz")
     assert str(saved["data"]) == str(data.resolve())
+    older = dict(np.load(run_dir / "folds" / "fold1of2.npz"))
+    np.savez(run_dir / "folds" / "fold1of2.npz", **{**older, "data": np.array("")})  # older caches name no dataset
+    crossfit.out_of_fold(run_dir, config, splits, 2, runtime, train)  # accepted
     other = write_dataset(tmp_path / "other" / "tiny", n_train=30, n_test=6, seed=9)
     moved = load_data(str(other), config, False, World())
     with pytest.raises(UserError, match="holds predictions of the dataset"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -561,3 +562,76 @@ def test_a_run_with_too_few_iterations_warns_that_its_fakes_are_flat(dataset, ca
     err = capsys.readouterr().err
     assert err.startswith("Warning: --iterations 3 is far below what makes usable copies")  # said before training
     assert "Warning: the fakes of this run are flat (median pixel spread 0.0" in err  # and measured after it
+
+
+def test_the_help_is_the_documented_one(monkeypatch):
+    """`python -m DataAugmentation --help` as committed in tests/help/DataAugmentation.txt (regenerate it with
+    format_help() at COLUMNS=120 when the command line changes), and the defaults it states."""
+    from pathlib import Path
+
+    monkeypatch.setenv("COLUMNS", "120")
+    expected = (Path(__file__).parent / "help" / "DataAugmentation.txt").read_text()
+    assert cli.get_args_parser().format_help() == expected
+    args = cli.get_args_parser().parse_args([])
+    assert (args.data, args.iterations, args.group_size, args.backend, args.limit, args.device, args.seed, args.size,
+            args.amp, args.encoding, args.progress) == ("Corel-5k", 1001, None, "auto", None, "auto", 0, (128, 192),
+                                                        "none", "default", True)
+
+
+# ---------------------------------------------------------------- the command's flags reach the training, its bar and summary
+
+def test_the_flags_reach_each_group_and_the_bar_and_summary_say_what_ran(dataset, monkeypatch, capsys):
+    """Three images in groups of 2: two calls of train_images, each with the backend, device, precision, per-image
+    seeds (seed, name) and a progress callback; the bar names the settings and counts images; the summary's spread
+    is the median over every fake of every group."""
+    calls, ratios = [], iter(range(1, 10))
+    real_train_images = cli.train_images
+
+    def spy(real, seeds, cfg, iterations, backend, **kw):
+        calls.append({"k": len(real), "seeds": list(seeds), "backend": backend, **kw})
+        kw["on_progress"](1, iterations)  # what train_images reports inside a group
+        return real_train_images(real, seeds, cfg, iterations, backend, **kw)
+
+    monkeypatch.setattr(cli, "train_images", spy)
+    monkeypatch.setattr(cli, "spread_ratio", lambda fake, image: next(ratios))  # 1, 2, ..., 9 over the 9 fakes
+    summary = cli.run(cli.get_args_parser().parse_args([
+        "--data", str(dataset), "--iterations", "3", "--size", "16x24", "--device", "cpu", "--group-size", "2",
+        "--backend", "loop", "--amp", "bf16", "--seed", "5"]))  # with the progress bar
+    assert [c["k"] for c in calls] == [2, 1]
+    assert {(c["backend"], str(c["device"]), c["precision"]) for c in calls} == {("loop", "cpu", "bf16")}
+    seeds = [s for c in calls for s in c["seeds"]]
+    assert seeds == [cli.image_seed(5, f"{i}.jpeg") for i in range(3)] and len(set(seeds)) == 3
+    assert seeds != [cli.image_seed(6, f"{i}.jpeg") for i in range(3)]
+    assert {k: summary[k] for k in ("trained", "group_size", "backend", "device", "root", "spread", "rank")} == {
+        "trained": 3, "group_size": 2, "backend": "loop", "device": "cpu", "root": str(dataset), "spread": 5.0,
+        "rank": ""}
+    err = capsys.readouterr().err
+    assert "ML-WGAN-GP K=2 loop cpu: 100%" in err and "3/3" in err and "img/s" in err and "rank " not in err
+    assert "group it 1/3" in err
+    seconds = re.findall(r"last group (\d+\.\d)s", err)  # each group's time, shown as the group ends
+    assert seconds and all(0 <= float(s) < 60 for s in seconds)
+
+
+def test_the_encoding_flag_reaches_the_files(dataset, tmp_path):
+    import shutil
+
+    study = tmp_path / "study"
+    shutil.copytree(dataset, study)
+    augment(dataset)
+    augment(study, "--encoding", "study")
+    default, studied = ((root / "aug-images" / "0_aug.jpeg").read_bytes() for root in (dataset, study))
+    assert default != studied
+
+
+def test_the_few_iterations_warning_needs_both_few_iterations_and_work(dataset, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "FEW_ITERATIONS", 3)
+    augment(dataset)  # 3 iterations are not below 3
+    monkeypatch.setattr(cli, "FEW_ITERATIONS", 4)
+    augment(dataset)  # below, but nothing is left to train
+    assert "Warning: --iterations" not in capsys.readouterr().err
+
+
+def test_an_empty_train_json_is_one_sentence(tmp_path, capsys):
+    (tmp_path / "train.json").write_text(json.dumps({"samples": [], "labels": ["sky"]}))
+    assert cli.main(["--data", str(tmp_path), "--device", "cpu", "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"error: '{tmp_path / 'train.json'}' lists no samples; nothing to augment.\n"

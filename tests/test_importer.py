@@ -329,3 +329,300 @@ def test_an_imported_folder_takes_the_gan_augmentation(tmp_path):
         import csv
         rows = list(csv.DictReader(f))
     assert sum(int(r["train_gan_copies"]) for r in rows) == 3 * sum(int(r["train_frequency"]) for r in rows)
+
+
+def test_the_help_is_the_documented_one(monkeypatch):
+    """`python importer.py --help` as committed in tests/help/importer.txt: every flag, default and choice a user
+    reads. A change to the command line updates that file too (regenerate it with format_help() at COLUMNS=120)."""
+    from pathlib import Path
+
+    monkeypatch.setenv("COLUMNS", "120")
+    expected = (Path(__file__).parent / "help" / "importer.txt").read_text()
+    assert importer.get_args_parser().format_help() == expected
+    args = importer.get_args_parser().parse_args(["s", "o"])
+    assert (args.format, args.test_size, args.seed, args.min_label_count, args.label_separator, args.progress) == \
+        ("auto", 0.2, 0, 1, None, True)
+    assert not (args.merge_case or args.drop_empty or args.skip_bad_images or args.copy or args.literal_labels)
+
+
+# ---------------------------------------------------------------- each step on its own (fast, exact values)
+
+@pytest.mark.parametrize("relative, name", [
+    ("cat/001.jpg", "cat__001.jpg"), ("cat\\001.jpg", "cat__001.jpg"), ("a//b.jpg", "a__b.jpg"),
+    ("./x.jpg", "x.jpg"), ("../album/x.jpg", "album__x.jpg"), (".hidden.jpg", "hidden.jpg"),
+    ("Xmas.jpg", "Xmas.jpg"), ("  cat/1.jpg ", "cat__1.jpg"), ("../", "image"), ("", "image"),
+])
+def test_flat_names(relative, name):
+    assert importer.flat_name(relative) == name
+
+
+def test_first_few_lists_five_then_an_ellipsis():
+    assert importer._first_few(range(5)) == "0, 1, 2, 3, 4"
+    assert importer._first_few(range(6)) == "0, 1, 2, 3, 4 ..."
+    assert importer._first_few([]) == ""
+
+
+@pytest.mark.parametrize("text, separator, labels", [
+    ("sky, water;;sun  sky", None, ["sky", "water", "sun"]),  # any run of spaces, commas, semicolons; no repeats
+    ("a,b", None, ["a", "b"]), ("polar bear| sky |", "|", ["polar bear", "sky"]), ("a,b", "|", ["a,b"]),
+    (None, None, []), (None, "|", []), ("", "|", []),
+])
+def test_split_labels(text, separator, labels):
+    assert importer.split_labels(text, separator) == labels
+
+
+def _records(*label_lists, split=None):
+    return [importer.Record(importer.Path(f"{i}.jpg"), f"{i}.jpg", list(labels), split)
+            for i, labels in enumerate(label_lists)]
+
+
+@pytest.mark.parametrize("labels, separator, found, in_use", [
+    (["sky|water"], None, "|", "any run of spaces, commas or semicolons"),
+    (["sky/sand"], None, "/", "any run of spaces, commas or semicolons"),
+    (["sky;water"], "|", ";", "'|'"),  # ';' and ',' are lookalikes when the separator in use is another one
+    (["sky,water"], "|", ",", "'|'"),
+    (["sky - water"], "|", "-", "'|'"), (["-"], None, "-", "any run of spaces, commas or semicolons"),
+])
+def test_labels_that_look_run_together_are_refused_with_the_separator_in_use(labels, separator, found, in_use):
+    with pytest.raises(importer.ImportDataError) as e:
+        importer.check_separators(_records(["sea"], labels), separator, literal=False)
+    assert str(e.value) == (f"The label '{labels[0]}' of 1.jpg looks like labels separated by '{found}', but the "
+                            f"separator in use is {in_use}; pass --label-separator '{found}', or --literal-labels to "
+                            f"keep such labels whole.")
+    importer.check_separators(_records(["sea"], labels), separator, literal=True)  # meant whole: accepted
+
+
+def test_a_separator_is_no_lookalike_of_itself():
+    importer.check_separators(_records(["polar bear", "sky"]), "|", literal=False)
+    importer.check_separators(_records(["a/b"]), "/", literal=False)
+
+
+def _options(**kw):
+    return importer.get_args_parser().parse_args(["s", "o", *[x for k, v in kw.items()
+                                                               for x in (f"--{k.replace('_', '-')}", v)]])
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".tab", ".TSV"])
+def test_tab_separated_files_need_no_delimiter(tmp_path, suffix):
+    source = tmp_path / f"photos{suffix}"
+    source.write_text("file\ttags\n1.jpg\tsky, sea\n")
+    (record,) = importer.read_csv_source(source, _options())
+    assert (record.path, record.name, record.labels) == (tmp_path / "1.jpg", "1.jpg", ["sky", "sea"])
+
+
+def test_a_csv_with_a_byte_order_mark_and_images_elsewhere(tmp_path):
+    source = tmp_path / "photos.csv"
+    source.write_bytes("file,tags\n1.jpg,sky\n".encode("utf-8-sig"))  # as Excel saves it
+    (record,) = importer.read_csv_source(source, _options(image_column="file", images_root=str(tmp_path / "pics")))
+    assert (record.path, record.labels) == (tmp_path / "pics" / "1.jpg", ["sky"])
+
+
+@pytest.mark.parametrize("text, options, message", [
+    ("file\n1.jpg\n", {}, "'{source}' has a single column; it needs an image column and a labels column."),
+    ("file,tags\n1.jpg,sky\n", {"labels_column": "words"},
+     "'{source}' has no column 'words' (--labels-column); its columns are: file, tags."),
+    ("file,tags\n1.jpg,sky\n", {"split_column": "part"},
+     "'{source}' has no column 'part' (--split-column); its columns are: file, tags."),
+])
+def test_csv_columns_that_are_not_there(tmp_path, text, options, message):
+    source = tmp_path / "photos.csv"
+    source.write_text(text)
+    with pytest.raises(importer.ImportDataError) as e:
+        importer.read_csv_source(source, _options(**options))
+    assert str(e.value) == message.format(source=source)
+
+
+def test_the_format_is_detected_from_what_source_is(tmp_path):
+    (tmp_path / "flat").mkdir()
+    draw(tmp_path / "flat" / "1.jpg", ["sky"])
+    (tmp_path / "flat" / "1.txt").write_text("sky\n")
+    draw(tmp_path / "classes" / "sky" / "1.jpg", ["sky"])
+    (tmp_path / "list.csv").write_text("file,tags\n")
+    assert [importer.detect_format(tmp_path / p) for p in ("flat", "classes", "list.csv")] == ["tags", "folders", "csv"]
+
+
+def test_the_named_format_wins_over_detection(tmp_path, capsys):
+    for i in range(4):  # class folders that also hold tag files: --format folders takes the folder names
+        draw(tmp_path / "src" / LABELS[i % 2] / f"{i}.jpg", [LABELS[i % 2]])
+        (tmp_path / "src" / LABELS[i % 2] / f"{i}.txt").write_text("boat\n")
+    assert importer.main([str(tmp_path / "src"), str(tmp_path / "mine"), "--format", "folders", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "mine" / "train.json").read_text())["labels"] == ["sky", "sun"]
+
+
+def test_image_checks_show_progress_skip_bad_images_and_keep_big_ones(tmp_path, capsys, monkeypatch):
+    draw(tmp_path / "big.jpg", ["sky"], size=(48, 32))  # 1536 pixels
+    draw(tmp_path / "bomb.jpg", ["sky"], size=(96, 64))  # 6144 pixels: over twice the limit below
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # big.jpg warns (between 1x and 2x), bomb.jpg is refused
+    records = [importer.Record(tmp_path / n, n, ["sky"]) for n in ("big.jpg", "bomb.jpg", "gone.jpg")]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning that escaped the check would be an exception here
+        kept = importer.check_images(records, skip_bad=True, progress=True)
+    assert [r.name for r in kept] == ["big.jpg"]
+    out, err = capsys.readouterr()
+    assert out.startswith("Left out 2 missing or unreadable images (--skip-bad-images): bomb.jpg (")
+    assert "gone.jpg (missing)" in out
+    assert "checking images: 100%" in err and "3/3" in err and "img/s" in err
+
+
+@pytest.mark.parametrize("variants, message", [
+    (1, "1 label is spelled in more than one way ('l0' / 'L0'); pass --merge-case"),
+    (2, "2 labels are spelled in more than one way ('l0' / 'L0'; 'l1' / 'L1'); pass --merge-case"),
+    (5, "5 labels are spelled in more than one way ('l0' / 'L0'; 'l1' / 'L1'; 'l2' / 'L2'; 'l3' / 'L3'; 'l4' / 'L4');"),
+    (6, "6 labels are spelled in more than one way (the first 5: 'l0' / 'L0'; 'l1' / 'L1'; 'l2' / 'L2'; 'l3' / "
+        "'L3'; 'l4' / 'L4'); pass --merge-case to merge each into its most frequent spelling, or fix the source."),
+])
+def test_spelling_variants_are_named(variants, message):
+    records = _records(*[[f"l{j}"] for j in range(variants)], *[[f"L{j}"] for j in range(variants)])
+    with pytest.raises(importer.ImportDataError) as e:
+        importer.merge_label_variants(records, merge=False)
+    assert str(e.value).startswith(message)
+
+
+def test_merged_spellings_take_the_most_frequent_one_across_spaces_and_case():
+    records = _records(["polar  bear", "sky"], ["Polar bear"], ["polar bear"], ["polar bear", "Sky"], ["SKY"], ["sky"])
+    merged = importer.merge_label_variants(records, merge=True)
+    assert [r.labels for r in merged] == [["polar bear", "sky"], ["polar bear"], ["polar bear"], ["polar bear", "sky"],
+                                          ["sky"], ["sky"]]
+
+
+def test_rare_labels_drop_below_the_count_and_empty_images_are_said(capsys):
+    records = _records(["sky", "owl"], ["sky", "owl"], ["sky", "eel"], ["eel"], ["yak"])
+    kept = importer.apply_label_rules(records, min_count=2, drop_empty=True)
+    assert [r.labels for r in kept] == [["sky", "owl"], ["sky", "owl"], ["sky", "eel"], ["eel"]]  # 2 images: kept
+    assert capsys.readouterr().out == ("Dropped 1 labels with fewer than 2 images (--min-label-count): yak\n"
+                                       "Left out 1 images without a label (--drop-empty): 4.jpg\n")
+
+
+def reference_stratified_split(y, fraction, seed):
+    """The docstring of importer.stratified_split, written out with Python lists and the same random draws."""
+    rng = np.random.default_rng(seed)
+    n, c = len(y), len(y[0])
+    counts = [sum(row[j] for row in y) for j in range(c)]
+    want = [[0.0] * c, [0.0] * c]
+    for j, count in enumerate(counts):
+        on_test = float(np.rint(count * fraction))
+        if count >= 2:
+            on_test = min(max(on_test, 1), count - 1)
+        want[0][j], want[1][j] = count - on_test, on_test
+    total = [n - round(n * fraction), round(n * fraction)]
+    side, unplaced = [None] * n, list(counts)
+    while any(u > 0 for u in unplaced):
+        label = min((u, j) for j, u in enumerate(unplaced) if u > 0)[1]
+        for i in rng.permutation([i for i in range(n) if y[i][label] and side[i] is None]):
+            if want[0][label] != want[1][label]:
+                s = 0 if want[0][label] > want[1][label] else 1
+            elif total[0] != total[1]:
+                s = 0 if total[0] > total[1] else 1
+            else:
+                s = int(rng.integers(2))
+            side[i] = s
+            total[s] -= 1
+            for j in range(c):
+                want[s][j] -= y[i][j]
+                unplaced[j] -= y[i][j]
+    for i in rng.permutation([i for i in range(n) if side[i] is None]):
+        side[i] = 0 if total[0] >= total[1] else 1
+        total[side[i]] -= 1
+    return np.array([s == 1 for s in side])
+
+
+@pytest.mark.parametrize("seed, fraction", [(0, 0.2), (1, 0.25), (2, 0.5), (3, 0.9), (4, 0.1)])
+def test_the_stratified_split_is_the_documented_procedure(seed, fraction):
+    y = long_tail(n=80, c=16, seed=seed)
+    y[:6] = False  # images without a label
+    y[6, -1] = True  # a label of one image
+    y[:, -1] &= np.arange(len(y)) == 6
+    test = importer.stratified_split(y, fraction, seed)
+    assert np.array_equal(test, reference_stratified_split(y.astype(int).tolist(), fraction, seed))
+
+
+def test_the_stratified_split_on_hand_made_cases():
+    y = np.zeros((10, 3), dtype=bool)
+    y[[0, 1], 0] = True  # 2 images: one on each side, even at a 90 % test size
+    y[[2, 3, 4], 1] = True  # 3 images at 10 %: still one on the test side
+    y[5, 2] = True  # 1 image: round(fraction * 1) of it on the test side (none at 10 %, it at 90 %)
+    for fraction in (0.1, 0.9):
+        test = importer.stratified_split(y, fraction, seed=0)
+        assert test[[0, 1]].sum() == 1 and test[5] == (fraction == 0.9)
+        assert test[[2, 3, 4]].sum() == (1 if fraction == 0.1 else 2)
+    unlabelled = importer.stratified_split(np.zeros((10, 2), dtype=bool), 0.3, seed=0)
+    assert unlabelled.sum() == 3  # images without labels fill the test set to its size
+
+
+def test_assign_splits_is_seeded():
+    records = _records(*[[LABELS[j] for j in range(5) if (i >> j) & 1] or ["sky"] for i in range(40)])
+    vocabulary = sorted(LABELS)
+    first = importer.assign_splits(records, vocabulary, 0.25, seed=3)
+    assert first == importer.assign_splits(records, vocabulary, 0.25, seed=3) and set(first) == {"train", "test"}
+    assert first != importer.assign_splits(records, vocabulary, 0.25, seed=4)
+
+
+def test_one_sided_labels_are_counted():
+    records = _records(["a", "c"], ["a"], ["b", "c"], ["c"])
+    assert importer.one_sided_labels(records, ["train", "train", "test", "test"]) == [("a", 2, 0), ("b", 0, 1)]
+
+
+def test_the_summary_counts_and_prints(tmp_path, capsys):
+    records = _records(["a", "c"], ["a"], ["b", "c"], ["c"], ["c"])
+    summary, figure = importer.summarise(records, ["train", "train", "test", "train", "test"], ["a", "b", "c"])
+    assert figure.startswith(b"\x89PNG")
+    assert {k: summary[k] for k in ("images", "train", "test", "labels", "labels_per_image", "label_counts",
+                                    "one_sided_labels")} == {
+        "images": 5, "train": 3, "test": 2, "labels": 3, "labels_per_image": 1.4,
+        "label_counts": {"c": 4, "a": 2, "b": 1}, "one_sided_labels": [("a", 2, 0), ("b", 0, 1)]}
+    importer.print_summary(summary, tmp_path / "mine")
+    assert capsys.readouterr().out == (
+        f"Imported 5 images (3 train, 2 test), 3 labels, 1.40 labels per image into {tmp_path / 'mine'}.\n"
+        f"Most frequent: c 4, a 2, b 1; rarest: b 1, a 2, c 4. Long tail: {tmp_path / 'mine' / 'labels.png'}.\n"
+        "| label on one side only | train | test |\n|---|---|---|\n| a | 2 | 0 |\n| b | 0 | 1 |\n")
+
+
+def test_the_dataset_is_built_beside_out_and_renamed_into_nested_new_folders(tmp_path, monkeypatch):
+    source, out = csv_source(tmp_path, n=6), tmp_path / "new" / "deeper" / "mine"
+    seen = []
+    place = importer._place
+    monkeypatch.setattr(importer, "_place", lambda record, images, copy: (seen.append(images), place(record, images,
+                                                                                                     copy)))
+    assert importer.main([str(source), str(out), "--no-progress", "--seed", "1"]) == 0
+    assert {p.parent.parent for p in seen} == {out.parent} and all(p.parent.name.startswith(".mine.") for p in seen)
+    assert sorted(p.name for p in out.iterdir()) == ["images", "labels.png", "summary.json", "test.json", "train.json"]
+    assert (out / "labels.png").read_bytes().startswith(b"\x89PNG") and not list(out.parent.glob(".mine.*"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train"] == len(json.loads((out / "train.json").read_text())["samples"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--test-size", "0"], "--test-size must be a fraction in (0, 1) (got 0.0)."),
+    (["--test-size", "1"], "--test-size must be a fraction in (0, 1) (got 1.0)."),
+    (["--label-separator", ""], "--label-separator cannot be empty or blank; leave it out to split at any run of "
+                                "spaces, commas or semicolons."),
+])
+def test_run_refuses_with_the_whole_sentence(tmp_path, capsys, extra, message):
+    assert importer.main([str(csv_source(tmp_path, n=3)), str(tmp_path / "mine"), "--no-progress", *extra]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_two_images_are_enough_and_none_is_said(tmp_path, capsys):
+    source = csv_source(tmp_path, n=2)
+    assert importer.main([str(source), str(tmp_path / "two"), "--no-progress"]) == 0
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("sky\n")  # a tag file, no image
+    assert importer.main([str(tmp_path / "empty"), str(tmp_path / "none"), "--no-progress"]) == 2
+    assert f"'{tmp_path / 'empty'}' holds 0 images; a dataset needs at least 2" in capsys.readouterr().err
+
+
+def test_the_command_passes_its_options_on(tmp_path, capsys):
+    source = csv_source(tmp_path, n=12)
+    rows = source.read_text().splitlines()
+    rows[-1] = rows[-1].split(",")[0] + ",sky;water"
+    source.write_text("\n".join([rows[0], *(r.replace(" ", "|") for r in rows[1:])]))
+    # '|' separates, so 'x;y' looks run together: refused, and accepted whole with --literal-labels
+    assert importer.main([str(source), str(tmp_path / "a"), "--label-separator", "|", "--no-progress"]) == 2
+    assert "looks like labels separated by ';'" in capsys.readouterr().err
+    for out in ("b", "c"):
+        assert importer.main([str(source), str(tmp_path / out), "--label-separator", "|", "--literal-labels",
+                              "--seed", "7"]) == 0
+    assert "checking images: 100%" in capsys.readouterr().err  # the progress bar, unless --no-progress
+    assert (tmp_path / "b" / "test.json").read_text() == (tmp_path / "c" / "test.json").read_text()  # seeded

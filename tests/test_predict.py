@@ -259,3 +259,159 @@ def tag_default(checkpoint, folder):
 
     return main(get_args_parser().parse_args(["--predict", str(folder), "--checkpoint", str(checkpoint),
                                               "--num-workers", "0", "--no-progress"]))
+
+
+# ---------------------------------------------------------------- every piece of --predict, on runs built instantly
+
+@pytest.fixture
+def fast(tmp_path):
+    """A tiny dataset and a run of it with distinct thresholds (conftest.make_run): no training."""
+    from conftest import make_run, write_dataset
+
+    data = write_dataset(tmp_path / "tiny", labels=("sky", "café", "water", "boat", "tree"))
+    return make_run(tmp_path / "runs", data, thresholds=[0.35, 0.5, 0.42, 0.6, 0.28]), data
+
+
+def _predict(checkpoint, folder, *extra):
+    from main import get_args_parser, main
+
+    return main(get_args_parser().parse_args(["--predict", str(folder), "--checkpoint", str(checkpoint),
+                                              "--num-workers", "0", "--no-progress", *map(str, extra)]))
+
+
+def test_the_csv_row_by_row_the_options_file_and_the_printed_lines(fast, tmp_path, capsys):
+    run, data = fast
+    rows = _predict(run, data / "images", "--batch-size", "5")
+    out = capsys.readouterr().out
+    with (run / "tags.csv").open(encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "image,labels,scores"
+    table = list(csv.reader(lines[1:]))
+    assert [r[0] for r in table] == [r["image"] for r in rows] == sorted(str(p) for p in (data / "images").iterdir())
+    for (image, labels, scores), row in zip(table, rows):
+        assert json.loads(labels) == [x["label"] for x in row["labels"]] and "\\u" not in labels  # café as is
+        assert scores == json.dumps([round(x["score"], 4) for x in row["labels"]])
+        assert all(len(s.split(".")[1]) <= 4 for s in scores.strip("[]").split(", ") if "." in s)
+        printed = f"{image}  " + " ".join(f"{x['label']}:{x['score']:.3f}" for x in row["labels"])
+        assert printed in out.splitlines()  # without a progress bar, one line per image
+    assert any("café" in json.loads(r[1]) for r in table)
+    assert out.splitlines()[-1] == (f"Annotated 34 images (0 unreadable, skipped); wrote {run / 'tags.csv'} and "
+                                    f"{run / 'tags.json'}")
+    assert out.splitlines()[0] == f"Thresholds: MCC thresholds fitted on val by --evaluate at 2026-01-01T00:00:00+00:00 " \
+                                  f"({run / 'thresholds.json'})."
+
+
+def test_the_options_of_an_unfinished_output_are_its_marker_and_each_refuses_another(fast, tmp_path, monkeypatch):
+    run, data = fast
+    real, calls = predict._append, []
+
+    def stop_after_first(table, rows):
+        real(table, rows)
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "_append", stop_after_first)
+    with pytest.raises(Interrupted, match="^8 of 34 images are tagged"):
+        _predict(run, data / "images", "--output", tmp_path / "o", "--batch-size", "8", "--min-score", "0.1")
+    monkeypatch.setattr(predict, "_append", real)
+    marker = json.loads((tmp_path / "o.partial.json").read_text())
+    assert marker == {"source": str(run), "top_k": None, "min_score": 0.1,
+                      "thresholds": [0.35, 0.5, 0.42, 0.6, 0.28], "compare": "ge"}
+    for other in (["--min-score", "0.2"], ["--min-score", "0.1", "--top-k", "2"], []):
+        with pytest.raises(UserError, match="is from an unfinished --predict with other options"):
+            _predict(run, data / "images", "--output", tmp_path / "o", *other)
+    from conftest import make_run
+
+    twin = make_run(tmp_path / "twin", data, thresholds=[0.35, 0.5, 0.42, 0.6, 0.28])  # same thresholds, other run
+    with pytest.raises(UserError, match="is from an unfinished --predict with other options"):
+        _predict(twin, data / "images", "--output", tmp_path / "o", "--min-score", "0.1")
+
+
+def test_a_resumed_output_keeps_its_complete_lines_and_says_how_many(fast, tmp_path, monkeypatch, capsys):
+    run, data = fast
+    complete = _predict(run, data / "images", "--output", tmp_path / "all")
+    real = predict._append
+
+    def cut_after_two(table, rows):
+        real(table, rows)
+        if len((tmp_path / "part.csv").read_text().splitlines()) > 16:
+            table.write("cut mid-li")
+            table.flush()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "_append", cut_after_two)
+    with pytest.raises(Interrupted, match="^16 of 34"):
+        _predict(run, data / "images", "--output", tmp_path / "part", "--batch-size", "8")
+    monkeypatch.setattr(predict, "_append", real)
+    capsys.readouterr()
+    assert _predict(run, data / "images", "--output", tmp_path / "part", "--batch-size", "8") == complete
+    assert "Resuming: 16 of 34 images are already in" in capsys.readouterr().out  # 16 kept, the cut line dropped
+    (tmp_path / "part.partial.json").write_text((tmp_path / "all.json").read_text())  # a marker without its table
+    (tmp_path / "lonely.partial.json").write_text("{}")
+    assert _predict(run, data / "images", "--output", tmp_path / "lonely") == complete  # starts afresh
+
+
+def test_a_finished_output_is_refused_unless_overwritten_and_an_interruption_before_any_row(fast, tmp_path,
+                                                                                           monkeypatch):
+    run, data = fast
+    (tmp_path / "old.json").write_text("[]")
+    (tmp_path / "old.csv").write_text("image,labels,scores\nghost.jpg,[],[]\n")
+    with pytest.raises(UserError, match=r"old.json' is a finished --predict output; give another --output, or add "
+                                        r"--overwrite to replace it\.$"):
+        _predict(run, data / "images", "--output", tmp_path / "old")
+    _predict(run, data / "images", "--output", tmp_path / "old", "--overwrite")
+    assert "ghost.jpg" not in (tmp_path / "old.csv").read_text()
+    (tmp_path / "busy.json").write_text("[]")
+    (tmp_path / "busy.partial.json").write_text("{}")  # unfinished: continued, not refused
+    (tmp_path / "busy.csv").write_text("image,labels,scores\n")
+    with pytest.raises(UserError, match="unfinished --predict with other options"):
+        _predict(run, data / "images", "--output", tmp_path / "busy")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match=r"is a file where a folder is needed; give --output a place you can write "
+                                        r"to\.$"):
+        _predict(run, data / "images", "--output", tmp_path / "a_file" / "o")
+    monkeypatch.setattr(predict, "_append", lambda table, rows: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(Interrupted, match="^0 of 34 images are tagged"):
+        _predict(run, data / "images", "--output", tmp_path / "none")
+
+
+def test_without_thresholds_the_run_uses_one_half_under_its_own_rule_and_says_so(tmp_path, capsys):
+    from conftest import make_run, write_dataset
+
+    data = write_dataset(tmp_path / "tiny")
+    flat = make_run(tmp_path / "runs", data, sharpen=0.0)  # a zero head: every score exactly 0.5
+    for compare, labels in (("ge", 5), ("gt", 0)):
+        config = json.loads((flat / "config.json").read_text())
+        (flat / "config.json").write_text(json.dumps({**config, "threshold_compare": compare}))
+        rows = _predict(flat, data / "images" / "10000.jpeg", "--output", tmp_path / compare)
+        assert len(rows[0]["labels"]) == labels and all(x["score"] == 0.5 for x in rows[0]["labels"])
+        assert "has no fitted thresholds yet (run --evaluate first); using 0.5 for every label" in capsys.readouterr().out
+    with pytest.raises(UserError, match="was made with TinyResNet, but ResNet18 was asked for"):
+        _predict(flat, data / "images", "--model", "ResNet18", "--output", tmp_path / "m")
+
+
+def test_a_model_with_non_finite_scores_names_three_images_and_leaves_nothing(tmp_path):
+    from conftest import make_run, write_dataset
+
+    data = write_dataset(tmp_path / "tiny")
+    broken = make_run(tmp_path / "runs", data, sharpen=float("nan"))
+    with pytest.raises(UserError) as error:
+        _predict(broken, data / "images", "--output", tmp_path / "nan", "--batch-size", "5")
+    assert str(error.value) == (f"'{broken}' gives non-finite scores (NaN or inf) for 5 of 5 images of a batch "
+                                f"(0.jpeg, 1.jpeg, 10.jpeg); the model file may be damaged: export or train it again. "
+                                f"Nothing of that batch was written.")
+    assert not list(tmp_path.glob("nan*"))
+
+
+def test_a_batch_of_unreadable_images_only_and_a_score_floor_at_the_score(fast, tmp_path, capsys):
+    run, data = fast
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpeg").write_bytes((data / "images" / "10000.jpeg").read_bytes())
+    (folder / "b.jpg").write_bytes(b"broken")
+    rows = _predict(run, folder, "--batch-size", "1", "--output", tmp_path / "t")
+    assert [Path(r["image"]).name for r in rows] == ["a.jpeg"]
+    assert f"{folder / 'b.jpg'}  (unreadable, skipped: UnidentifiedImageError" in capsys.readouterr().out
+    probs = torch.tensor([0.3, 0.6])
+    assert predict.annotate(probs, torch.tensor([0.1, 0.1]), ["x", "y"], min_score=0.3) == [
+        {"label": "y", "score": 0.6}, {"label": "x", "score": 0.3}]  # a score equal to the floor is kept

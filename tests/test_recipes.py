@@ -126,3 +126,65 @@ def test_describe_says_every_choice_in_words_for_both_recipes():
         "tresnet_m.miil_in21k_ft_in1k, not loaded (--no-pretrained)"
     assert dict(describe(parsed("--weights", "w.pth")))["weights"] == "the file --weights w.pth"
     assert dict(describe(parsed("--vertical-flip", "--no-flip")))["flips"] == "vertical"
+
+
+def _problems(**flags):
+    from recipes import recipe_problems
+
+    base = {"epochs": None, "schedule_epochs": None, "loss_eps": None, "metric_epsilon": None,
+            "loss_function": "AsymmetricLoss", "detach_focusing": None, "normalise": None, "selection_start": None,
+            "val_size": 500, "select_on_test": None}
+    return recipe_problems({**base, **flags})
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"epochs": 0}, "--epochs must be at least 1 (got 0)"),
+    ({"schedule_epochs": 0.0}, "--schedule-epochs must be a positive number of epochs (got 0.0)"),
+    ({"loss_eps": -0.1}, "--loss-eps must be in [0, 0.5) (got -0.1; the study uses 1e-8)"),
+    ({"loss_eps": 0.5}, "--loss-eps must be in [0, 0.5) (got 0.5; the study uses 1e-8)"),
+    ({"metric_epsilon": -1e-9}, "--metric-epsilon must be in [0, 0.01) (got -1e-09; the study uses 1e-7)"),
+    ({"metric_epsilon": 0.01}, "--metric-epsilon must be in [0, 0.01) (got 0.01; the study uses 1e-7)"),
+    ({"loss_function": "BCELoss", "loss_eps": 0.0, "detach_focusing": False},
+     "--loss-eps and --detach-focusing apply to FocalLoss and AsymmetricLoss, not BCELoss"),
+    ({"loss_function": "LSEPLoss", "detach_focusing": True},
+     "--detach-focusing apply to FocalLoss and AsymmetricLoss, not LSEPLoss"),
+    ({"normalise": ["imagenet"]}, "--normalise takes backbone, corel5k, dataset or six numbers MEAN_R MEAN_G MEAN_B "
+                                  "STD_R STD_G STD_B with positive stds (got imagenet)"),
+    ({"normalise": ["0.5", "0.5", "0.5", "1", "0", "1"]}, "(got 0.5 0.5 0.5 1 0 1)"),
+    ({"selection_start": 1.0}, "--selection-start must be in [-1, 1) (got 1.0; the study: 0)"),
+    ({"selection_start": -1.5}, "--selection-start must be in [-1, 1) (got -1.5; the study: 0)"),
+    ({"val_size": 0, "select_on_test": False}, "--val-size must be at least 1 (got 0); or use --select-on-test"),
+])
+def test_each_recipe_flag_out_of_range_is_one_sentence(flags, message):
+    (problem,) = _problems(**flags)
+    assert problem.startswith(message) if not message.startswith("(") else problem.endswith(message), problem
+
+
+@pytest.mark.parametrize("flags", [
+    {"epochs": 1}, {"schedule_epochs": 0.5}, {"loss_eps": 0.0}, {"loss_eps": 0.49}, {"metric_epsilon": 0.0},
+    {"metric_epsilon": 0.0099}, {"loss_function": "BCELoss"}, {"loss_function": "FocalLoss", "loss_eps": 1e-8},
+    {"normalise": ["corel5k"]}, {"normalise": ["0.5", "0.5", "0.5", "0.2", "0.2", "0.2"]},
+    {"selection_start": -1.0}, {"selection_start": 0.99}, {"val_size": 1, "select_on_test": False},
+    {"val_size": 0, "select_on_test": True}, {"val_size": 0},
+])
+def test_values_at_the_edges_of_their_ranges_are_accepted(flags):
+    assert _problems(**flags) == []
+
+
+def test_the_focusing_and_corel_rules_of_the_study_recipe():
+    bce = parsed("--recipe", "study", "--loss-function", "BCELoss")
+    assert bce["detach_focusing"] is None and bce["loss_eps"] is None  # not applicable to BCE
+    focal = parsed("--recipe", "study", "--loss-function", "FocalLoss")
+    assert focal["detach_focusing"] is False and focal["loss_eps"] == 1e-8
+    assert parsed("--recipe", "study", data="/data/Corel-5k/")["normalise"] == ["corel5k"]  # a path ending in it
+    assert parsed("--recipe", "study", data="/data/corel")["normalise"] == ["dataset"]
+    assert parsed("--recipe", "study", data="Corel-5k/x")["normalise"] == ["dataset"]
+    with pytest.raises(UserError, match=r"^Unknown recipe 'mine'; choose one of: default, study\.$"):
+        resolve({**parsed(), "recipe": "mine"})
+    from recipes import describe
+
+    assert dict(describe({**parsed(), "model": "Mine", "weights_tag": "t"}))["weights"] == "Mine.t"
+    assert dict(describe({**parsed(), "cudnn_benchmark": True}))["cuDNN"] == "deterministic off, benchmark on"
+    assert dict(describe({**parsed(), "normalise": ["0.5", "0.4"]}))["normalisation"] == "0.5 0.4"
+    pretrained_missing = {k: v for k, v in parsed().items() if k != "pretrained"}
+    assert dict(describe(pretrained_missing))["weights"] == "tresnet_m.miil_in21k_ft_in1k"  # older configs: loaded
