@@ -20,7 +20,7 @@ GRID = [round(0.05 * k, 2) for k in range(1, 15)]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def exported_run(tmp_path_factory):
     data = write_dataset(tmp_path_factory.mktemp("data") / "tiny", n_train=40, n_test=16)
     return make_run(tmp_path_factory.mktemp("runs"), data, thresholds=[0.35, 0.5, 0.42, 0.6, 0.28]), data
 
@@ -29,8 +29,8 @@ def run_main(*argv):
     return main(get_args_parser().parse_args([str(a) for a in argv]))
 
 
-def test_int8_tags_like_fp32_except_within_the_quantisation_error_of_a_threshold(run, tmp_path):
-    run_dir, data = run
+def test_int8_tags_like_fp32_except_within_the_quantisation_error_of_a_threshold(exported_run, tmp_path):
+    run_dir, data = exported_run
     run_main("--export", "onnx", "--checkpoint", run_dir, "--output", tmp_path / "model.onnx")
     done = run_main("--export", "onnx", "--quantize", "int8", "--checkpoint", run_dir, "--calibration-images", 16)
     int8_path = run_dir / "model.int8.onnx"
@@ -70,19 +70,19 @@ def test_int8_tags_like_fp32_except_within_the_quantisation_error_of_a_threshold
     assert measured["mAP_drop"] == pytest.approx(measured["fp32"]["mAP"] - measured["int8"]["mAP"])
 
 
-def test_an_int8_model_that_loses_too_much_is_refused_and_nothing_is_written(run, tmp_path):
-    run_dir, _ = run
+def test_an_int8_model_that_loses_too_much_is_refused_and_nothing_is_written(exported_run, tmp_path):
+    run_dir, _ = exported_run
     with pytest.raises(export.ExportError, match="more than --max-map-drop -100; nothing was written"):
         export.export_run(run_dir, tmp_path / "m.int8.onnx", quantize="int8", max_map_drop=-100, calibration_images=8)
     assert not (tmp_path / "m.int8.onnx").exists() and not list(tmp_path.iterdir())
 
 
-def test_refitted_int8_thresholds_are_fitted_on_the_int8_models_own_predictions(run, tmp_path):
+def test_refitted_int8_thresholds_are_fitted_on_the_int8_models_own_predictions(exported_run, tmp_path):
     from components import load_data
     from distributed import World
     from runs import load_config
 
-    run_dir, data = run
+    run_dir, data = exported_run
     export.export_run(run_dir, tmp_path / "refit.onnx", quantize="int8", calibration_images=8, refit_thresholds=True,
                       max_map_drop=100)  # 16 test images of a tiny model: the bound is not what is tested here
     int8 = export.OnnxAnnotator(tmp_path / "refit.onnx")
@@ -101,8 +101,8 @@ def test_refitted_int8_thresholds_are_fitted_on_the_int8_models_own_predictions(
 
 # ---------------------------------------------------------------- the fp32 file, every part (fast)
 
-def test_the_exported_file_runs_any_batch_and_carries_what_a_user_needs(run, tmp_path, capsys):
-    run_dir, data = run
+def test_the_exported_file_runs_any_batch_and_carries_what_a_user_needs(exported_run, tmp_path, capsys):
+    run_dir, data = exported_run
     done = run_main("--export", "onnx", "--checkpoint", run_dir)
     path = run_dir / "model.onnx"  # the default place
     assert done["path"] == str(path) and done["images"] == 16 and 0 <= done["max_abs_difference"] < export.TOLERANCE

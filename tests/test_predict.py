@@ -415,3 +415,29 @@ def test_a_batch_of_unreadable_images_only_and_a_score_floor_at_the_score(fast, 
     probs = torch.tensor([0.3, 0.6])
     assert predict.annotate(probs, torch.tensor([0.1, 0.1]), ["x", "y"], min_score=0.3) == [
         {"label": "y", "score": 0.6}, {"label": "x", "score": 0.3}]  # a score equal to the floor is kept
+
+
+def test_top_k_and_a_score_floor_reach_every_row_of_a_folder(fast, tmp_path):
+    run, data = fast
+    every = _predict(run, data / "images", "--top-k", "5", "--output", tmp_path / "all")  # every label, by score
+    assert all(len(r["labels"]) == 5 and [x["score"] for x in r["labels"]] ==
+               sorted((x["score"] for x in r["labels"]), reverse=True) for r in every)
+    tops = sorted(r["labels"][0]["score"] for r in every)
+    floor = (tops[8] + tops[9]) / 2  # a floor above the best label of 9 images
+    two = _predict(run, data / "images", "--top-k", "2", "--output", tmp_path / "two")
+    assert [r["labels"] for r in two] == [r["labels"][:2] for r in every]
+    floored = _predict(run, data / "images", "--top-k", "3", "--min-score", floor, "--output", tmp_path / "floor")
+    expected = [[x for x in r["labels"][:3] if x["score"] >= floor] for r in every]
+    assert [r["labels"] for r in floored] == expected
+    assert min(map(len, expected)) == 0 < max(map(len, expected))  # the floor empties some images, not all
+
+
+def test_overwrite_of_an_output_that_does_not_exist_yet_and_refusal_by_default(fast, tmp_path):
+    run, data = fast
+    rows = _predict(run, data / "images", "--output", tmp_path / "new", "--overwrite")  # nothing to replace: fine
+    assert len(rows) == 34 and (tmp_path / "new.json").is_file()
+    (tmp_path / "new.csv").unlink()  # a finished output whose table the user deleted: still replaced
+    assert _predict(run, data / "images", "--output", tmp_path / "new", "--overwrite") == rows
+    runtime = predict.Runtime(num_workers=0, progress=False)
+    with pytest.raises(UserError, match="is a finished --predict output"):
+        predict.predict_paths(data / "images", run, runtime, tmp_path / "new")  # overwrite is off unless asked

@@ -151,6 +151,8 @@ def _problems(**flags):
     ({"normalise": ["imagenet"]}, "--normalise takes backbone, corel5k, dataset or six numbers MEAN_R MEAN_G MEAN_B "
                                   "STD_R STD_G STD_B with positive stds (got imagenet)"),
     ({"normalise": ["0.5", "0.5", "0.5", "1", "0", "1"]}, "(got 0.5 0.5 0.5 1 0 1)"),
+    ({"normalise": ["0.5", "0.5", "0.5", "0", "1", "1"]}, "(got 0.5 0.5 0.5 0 1 1)"),  # the first std
+    ({"normalise": ["0.5", "0.5", "0.5", "a", "1", "1"]}, "(got 0.5 0.5 0.5 a 1 1)"),  # not a number
     ({"selection_start": 1.0}, "--selection-start must be in [-1, 1) (got 1.0; the study: 0)"),
     ({"selection_start": -1.5}, "--selection-start must be in [-1, 1) (got -1.5; the study: 0)"),
     ({"val_size": 0, "select_on_test": False}, "--val-size must be at least 1 (got 0); or use --select-on-test"),
