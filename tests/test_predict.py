@@ -345,7 +345,7 @@ def test_a_resumed_output_keeps_its_complete_lines_and_says_how_many(fast, tmp_p
     monkeypatch.setattr(predict, "_append", real)
     capsys.readouterr()
     assert _predict(run, data / "images", "--output", tmp_path / "part", "--batch-size", "8") == complete
-    assert "Resuming: 16 of 34 images are already in" in capsys.readouterr().out  # 16 kept, the cut line dropped
+    assert f"Resuming: 16 of 34 images are already in {tmp_path / 'part.csv'}." in capsys.readouterr().out  # cut line dropped
     (tmp_path / "part.partial.json").write_text((tmp_path / "all.json").read_text())  # a marker without its table
     (tmp_path / "lonely.partial.json").write_text("{}")
     assert _predict(run, data / "images", "--output", tmp_path / "lonely") == complete  # starts afresh
@@ -436,6 +436,9 @@ def test_overwrite_of_an_output_that_does_not_exist_yet_and_refusal_by_default(f
     run, data = fast
     rows = _predict(run, data / "images", "--output", tmp_path / "new", "--overwrite")  # nothing to replace: fine
     assert len(rows) == 34 and (tmp_path / "new.json").is_file()
+    (tmp_path / "stale.csv").write_text("image,labels,scores\nghost.jpg,[],[]\n")  # no marker: not a resume
+    assert _predict(run, data / "images", "--output", tmp_path / "stale") == rows
+    assert "ghost.jpg" not in (tmp_path / "stale.csv").read_text()
     (tmp_path / "new.csv").unlink()  # a finished output whose table the user deleted: still replaced
     assert _predict(run, data / "images", "--output", tmp_path / "new", "--overwrite") == rows
     runtime = predict.Runtime(num_workers=0, progress=False)
