@@ -155,3 +155,45 @@ def test_the_check_images_skip_an_unreadable_test_image(tmp_path):
     (data / "images" / "10003.jpeg").write_bytes(b"broken")
     run_dir = make_run(tmp_path / "runs", data, thresholds=[0.5] * 5)
     assert export.export_run(run_dir, tmp_path / "m.onnx")["images"] == 9  # 10 test images, one unreadable
+
+
+def test_int8_is_what_its_metadata_says_seeded_and_bounded_inclusively(exported_run, tmp_path, capsys):
+    import onnx
+    from onnx import numpy_helper
+
+    run_dir, _ = exported_run
+    first = export.export_run(run_dir, tmp_path / "a.int8.onnx", quantize="int8", calibration_images=16,
+                              max_map_drop=100)
+    assert first["quantization"] == {"format": "QDQ", "operators": ["Conv", "Relu", "Clip", "Add", "MaxPool"],
+                                     "weights": "int8, per channel", "activations": "uint8", "calibration": "MinMax",
+                                     "calibration_images": 16, "calibration_seed": 0, "thresholds": "the run's"}
+    accuracy = first["accuracy"]
+    assert set(accuracy) == {"fp32", "int8", "mAP_drop"}
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"Wrote {tmp_path / 'a.int8.onnx'}: test set (16 images): mAP {accuracy['fp32']['mAP']:.2f} fp32, "
+        f"{accuracy['int8']['mAP']:.2f} int8; per-class F1 {accuracy['fp32']['per_class/f1']:.4f} fp32, "
+        f"{accuracy['int8']['per_class/f1']:.4f} int8.")
+    graph = onnx.load(str(tmp_path / "a.int8.onnx")).graph
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    dequantized = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    weights = [n for n in dequantized if values.get(n.input[0]) is not None and values[n.input[0]].ndim == 4]
+    assert weights and all(values[n.input[1]].size > 1 for n in weights)  # one scale per output channel
+    activations = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert activations and all(values[n.input[2]].dtype == np.uint8 for n in activations)
+    (output,) = graph.output
+    assert output.name == "probabilities" and output.type.tensor_type.shape.dim[0].dim_param == "batch"
+    # The calibration sample is seeded: a second export is the same file; a bound equal to the drop is met.
+    second = export.export_run(run_dir, tmp_path / "b.int8.onnx", quantize="int8", calibration_images=16,
+                               max_map_drop=accuracy["mAP_drop"])
+    assert (tmp_path / "b.int8.onnx").read_bytes() == (tmp_path / "a.int8.onnx").read_bytes()
+    assert second["accuracy"] == accuracy
+
+
+def test_a_run_without_fitted_thresholds_is_not_exported(tmp_path):
+    data = write_dataset(tmp_path / "tiny", n_train=12, n_test=4)
+    run_dir = make_run(tmp_path / "runs", data)  # trained, never evaluated
+    with pytest.raises(export.ExportError) as error:
+        export.export_run(run_dir, tmp_path / "m.onnx")
+    assert str(error.value) == (f"{run_dir} has no fitted thresholds yet; run --evaluate --checkpoint {run_dir} "
+                                f"first, so that the exported annotator carries them.")
+    assert not (tmp_path / "m.onnx").exists()
