@@ -626,3 +626,22 @@ def test_the_command_passes_its_options_on(tmp_path, capsys):
                               "--seed", "7"]) == 0
     assert "checking images: 100%" in capsys.readouterr().err  # the progress bar, unless --no-progress
     assert (tmp_path / "b" / "test.json").read_text() == (tmp_path / "c" / "test.json").read_text()  # seeded
+
+
+def test_tag_files_and_class_folders_are_read_image_by_image(tmp_path):
+    album = tag_source(tmp_path)
+    draw(album / "untagged.png", [])  # no .txt beside it: an image without labels
+    (album / "trip0" / "0.txt").write_text("sky;  sun\n\n", encoding="utf-8")  # ; is a separator too
+    options = importer.get_args_parser().parse_args([str(album), str(tmp_path / "out")])
+    records = {r.name: (r.path, r.labels) for r in importer.SOURCES["tags"](album, options)}
+    expected = {f"trip{i % 2}__{i}.png": (album / f"trip{i % 2}" / f"{i}.png", labels)
+                for i, labels in enumerate(label_sets(40, seed=1))}
+    expected["trip0__0.png"] = (album / "trip0" / "0.png", ["sky", "sun"])
+    expected["untagged.png"] = (album / "untagged.png", [])
+    assert records == expected
+    classes = folder_source(tmp_path)
+    draw(classes / "loose.jpg", ["sky"])  # not in a class folder: not an image of any class
+    options = importer.get_args_parser().parse_args([str(classes), str(tmp_path / "out2")])
+    records = {r.name: (r.path, r.labels) for r in importer.SOURCES["folders"](classes, options)}
+    assert records == {f"{LABELS[i % 5]}__{i // 5:03d}.jpg": (classes / LABELS[i % 5] / f"{i // 5:03d}.jpg",
+                                                              [LABELS[i % 5]]) for i in range(40)}
