@@ -40,7 +40,8 @@ def test_two_processes_train_the_same_weights_as_one_on_the_same_global_batches(
     data = write_dataset(tmp_path / "tiny", n_train=32, n_test=6)
     common = ["--data", str(data), "--model", "TinyResNet", "--no-pretrained", "--image-size", "32", "--epochs", "2",
               "--val-size", "8", "--num-workers", "0", "--no-progress", "--dropout", "0", "--freeze-bn",
-              "--loss-reduction", "mean", "--learning-rate", "3e-3", "--run-name", "r"]
+              "--loss-reduction", "mean", "--learning-rate", "3e-3", "--run-name", "r",
+              "--amp", "none", "--channels-last", "off"]  # fp32 both: --amp auto probes each batch size on its own
     single(*common, "--batch-size", "8", "--save-dir", str(tmp_path / "one"))
     torchrun(2, *common, "--batch-size", "4", "--save-dir", str(tmp_path / "two"))
     one, two = (torch.load(tmp_path / d / "TinyResNet_AsymmetricLoss_tiny_r" / "last.pth", weights_only=True)
