@@ -444,3 +444,25 @@ def test_overwrite_of_an_output_that_does_not_exist_yet_and_refusal_by_default(f
     runtime = predict.Runtime(num_workers=0, progress=False)
     with pytest.raises(UserError, match="is a finished --predict output"):
         predict.predict_paths(data / "images", run, runtime, tmp_path / "new")  # overwrite is off unless asked
+
+
+def test_a_resumed_output_whose_continuation_fails_keeps_its_rows(fast, tmp_path, monkeypatch):
+    run, data = fast
+    real = predict._append
+
+    def stop_after_eight(table, rows):
+        real(table, rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "_append", stop_after_eight)
+    with pytest.raises(Interrupted, match="^8 of 34"):
+        _predict(run, data / "images", "--output", tmp_path / "part", "--batch-size", "8")
+    kept = (tmp_path / "part.csv").read_text()
+
+    def fails(*args, **kwargs):
+        raise UserError("the model gives non-finite scores")
+
+    monkeypatch.setattr(predict, "_tag", fails)
+    with pytest.raises(UserError, match="non-finite"):
+        _predict(run, data / "images", "--output", tmp_path / "part", "--batch-size", "8")
+    assert (tmp_path / "part.csv").read_text() == kept and (tmp_path / "part.partial.json").is_file()
