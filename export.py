@@ -221,7 +221,7 @@ def export_run(run_dir: Path, output: Path | None = None, data: str | None = Non
     if not quantize:
         print(f"Wrote {path}.", flush=True)
         return done
-    refit = fitted_split(run_dir) if refit_thresholds else None
+    refit = fitted_split(run_dir, fitted) if refit_thresholds else None
     return export_int8(done["bytes"], path, splits, config, fitted, max_map_drop, calibration_images, refit)
 
 
@@ -250,9 +250,10 @@ def load_split_images(split, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.stack(targets)
 
 
-def fitted_split(run_dir: Path) -> dict:
-    """How the run's thresholds were fitted (thresholds.json): method, split, grid, fallback."""
-    record = json.loads((run_dir / "thresholds.json").read_text()) if (run_dir / "thresholds.json").is_file() else {}
+def fitted_split(run_dir: Path, fitted: dict) -> dict:
+    """How the run's thresholds were fitted (`fitted`: runs.load_thresholds of the run): method, split, grid,
+    fallback."""
+    record = fitted["fitting"]
     if not {"method", "split", "grid", "fallback"} <= record.keys() or record["split"] == "cv":
         raise ExportError(f"--int8-thresholds refit needs the thresholds.json of an --evaluate by this version, fitted "
                           f"on train, val or train+val; run --evaluate --checkpoint {run_dir} again.")

@@ -221,19 +221,21 @@ def save_thresholds(run_dir: Path, vocabulary: list[str], thresholds: torch.Tens
 
 
 def load_thresholds(run_dir: Path, ckpt: dict) -> dict | None:
-    """{"thresholds" (C,), "compare", "source": which evaluation they come from, in words} of the run's latest
-    --evaluate (thresholds.json; older versions stored them inside best.pth), or None before any --evaluate."""
+    """{"thresholds" (C,), "compare", "source": which evaluation they come from, in words, "fitting": how they were
+    fitted (method, split, grid, fallback; {} for thresholds of older versions)} of the run's latest --evaluate
+    (thresholds.json; older versions stored them inside best.pth), or None before any --evaluate."""
     path = run_dir / THRESHOLDS_FILE
     if path.is_file():
         record = _read_thresholds(path, ckpt)
         source = (f"{record['method'].upper()} thresholds fitted on {record['split']} by --evaluate at "
                   f"{record['evaluated']} ({path})")
         return {"thresholds": torch.tensor(record["thresholds"], dtype=torch.float32), "compare": record["compare"],
-                "source": source}
+                "source": source,
+                "fitting": {k: record[k] for k in ("method", "split", "grid", "fallback") if k in record}}
     if ckpt.get("thresholds") is not None:
         return {"thresholds": ckpt["thresholds"].float(), "compare": ckpt["threshold_compare"],
                 "source": f"{(ckpt.get('threshold_method') or 'mcc').upper()} thresholds stored in "
-                          f"{run_dir / 'best.pth'} by an older --evaluate"}
+                          f"{run_dir / 'best.pth'} by an older --evaluate", "fitting": {}}
     return None
 
 

@@ -197,3 +197,14 @@ def test_a_run_without_fitted_thresholds_is_not_exported(tmp_path):
     assert str(error.value) == (f"{run_dir} has no fitted thresholds yet; run --evaluate --checkpoint {run_dir} "
                                 f"first, so that the exported annotator carries them.")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_refitting_needs_to_know_how_the_run_was_fitted(tmp_path):
+    data = write_dataset(tmp_path / "tiny", n_train=12, n_test=4)
+    run_dir = make_run(tmp_path / "runs", data, thresholds=[0.35, 0.5, 0.42, 0.6, 0.28])
+    record = json.loads((run_dir / "thresholds.json").read_text())
+    (run_dir / "thresholds.json").write_text(json.dumps({**record, "split": "cv", "folds": 5}))
+    with pytest.raises(export.ExportError, match=r"^--int8-thresholds refit needs the thresholds.json of an --evaluate "
+                                                 r"by this version, fitted on train, val or train\+val"):
+        export.export_run(run_dir, tmp_path / "m.int8.onnx", quantize="int8", refit_thresholds=True)
+    assert not (tmp_path / "m.int8.onnx").exists()
