@@ -290,8 +290,9 @@ def run(args: argparse.Namespace) -> dict:
     device = device_name()
     atomic_write_json(out / "results.json", {"device": device, "quick": args.quick, "seeds": args.seeds,
                                              "published": {r: ROWS[r].published for r in args.only}, "rows": table})
-    atomic_write_text(out / "results.md", markdown(table, device, args.quick))
-    print(markdown(table, device, args.quick) + f"Wrote {out / 'results.md'} and {out / 'results.json'}.", flush=True)
+    text = markdown(table, device, args.quick)
+    atomic_write_text(out / "results.md", text)
+    print(text + f"Wrote {out / 'results.md'} and {out / 'results.json'}.", flush=True)
     return table
 
 

@@ -97,8 +97,7 @@ def one(row: str, seed: int, data: Path, work: Path) -> dict:
     figures = {k: results["mcc"][k] for k in FIGURES}
     figures["per_class/f1@0.5"] = results["default"]["per_class/f1"]
     return {**figures, "run": str(run.relative_to(REPO)), "seconds": seconds, "learning": learning(run),
-            "command": "python main.py " + " ".join(["--data", "runs/recipes/longtail", *BASE, "--epochs", str(EPOCHS),
-                                                     *flags_of(row), "--seed", str(seed)])}
+            "command": "python main.py " + " ".join(["--data", "runs/recipes/longtail", *argv[2:]])}
 
 
 def check_settings(run: Path, argv: list[str]) -> None:
@@ -106,7 +105,8 @@ def check_settings(run: Path, argv: list[str]) -> None:
     config.json; otherwise stop with a sentence (another search left it, or ROWS changed)."""
     from main import get_args_parser
 
-    wanted, default = vars(get_args_parser().parse_args(argv)), vars(get_args_parser().parse_args([]))
+    parser = get_args_parser()
+    wanted, default = vars(parser.parse_args(argv)), vars(parser.parse_args([]))
     saved = json.loads((run / "config.json").read_text())
     differ = [f"{k}: {saved.get(k)!r} there, {v!r} wanted" for k, v in wanted.items()
               if v != default[k] and k != "data" and saved.get(k) != v]
