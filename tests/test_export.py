@@ -112,6 +112,9 @@ def test_the_exported_file_runs_any_batch_and_carries_what_a_user_needs(exported
     annotator = export.OnnxAnnotator(path, threads=1)
     meta = annotator.session.get_modelmeta().custom_metadata_map
     assert meta["input"].startswith("uint8 RGB (batch, 3, 32, 32), each image resized to 32 x 32 bilinearly")
+    import onnx
+
+    assert [(o.domain, o.version) for o in onnx.load(str(path)).opset_import] == [("", 17)]  # as the README says
     assert (annotator.mean, annotator.std) == ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # TinyResNet's own
     assert annotator.thresholds.dtype == torch.float32 and annotator.image_size == 32
     images = np.stack([load_image(p, 32).numpy() for p in sorted((data / "images").iterdir())[:3]])
@@ -124,7 +127,8 @@ def test_the_exported_file_runs_any_batch_and_carries_what_a_user_needs(exported
 
 
 def test_files_that_onnx_runtime_cannot_use_are_one_sentence(tmp_path):
-    with pytest.raises(export.ExportError, match=r"^'the exported model' cannot be opened by ONNX Runtime \("):
+    with pytest.raises(export.ExportError, match=r"^'the exported model' cannot be opened by ONNX Runtime "
+                                                 r"\(InvalidProtobuf: .*protobuf parsing failed\)\.$"):
         export.OnnxAnnotator(b"not a model")
     (tmp_path / "x.onnx").write_bytes(b"not a model")
     with pytest.raises(export.ExportError, match=rf"^'{tmp_path / 'x.onnx'}' cannot be opened by ONNX Runtime \("
@@ -148,6 +152,23 @@ def test_a_model_with_non_finite_outputs_is_not_exported(tmp_path):
     assert str(error.value).startswith("The model gives non-finite probabilities (NaN or inf) on the check images "
                                        "(PyTorch: 10, ONNX Runtime: 10 of 10); its weights may be damaged.")
     assert not (tmp_path / "nan.onnx").exists()
+
+
+def test_non_finite_outputs_of_onnx_runtime_alone_are_refused_and_counted(tmp_path, monkeypatch):
+    data = write_dataset(tmp_path / "tiny")
+    run_dir = make_run(tmp_path / "runs", data, thresholds=[0.5] * 5)
+    real = export.OnnxAnnotator.probabilities
+
+    def two_nan_rows(self, images):
+        probs = real(self, images)
+        probs[[1, 4], 2] = np.nan
+        return probs
+
+    monkeypatch.setattr(export.OnnxAnnotator, "probabilities", two_nan_rows)
+    with pytest.raises(export.ExportError, match=r"^The model gives non-finite probabilities \(NaN or inf\) on the "
+                                                 r"check images \(PyTorch: 0, ONNX Runtime: 2 of 10\)"):
+        export.export_run(run_dir, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_the_check_images_skip_an_unreadable_test_image(tmp_path):
@@ -208,3 +229,118 @@ def test_refitting_needs_to_know_how_the_run_was_fitted(tmp_path):
                                                  r"by this version, fitted on train, val or train\+val"):
         export.export_run(run_dir, tmp_path / "m.int8.onnx", quantize="int8", refit_thresholds=True)
     assert not (tmp_path / "m.int8.onnx").exists()
+
+
+# ---------------------------------------------------------------- the int8 pieces, each on its own (fast)
+
+@pytest.mark.parametrize("compare", ["ge", "gt"])
+def test_accuracy_is_sklearns_under_the_runs_rule_at_a_tie(compare):
+    from sklearn.metrics import average_precision_score, precision_score, recall_score
+
+    rng = np.random.default_rng(3)
+    targets = (rng.random((40, 4)) < 0.4).astype(np.float32)
+    targets[0], targets[1] = 1, 0  # every label has positives and negatives
+    probs = rng.random((40, 4)).astype(np.float32)
+    thresholds = torch.tensor([0.3, 0.45, 0.6, 0.7])
+    probs[targets[:, 0] == 1, 0][:1] = 0.3  # ties at a threshold, one per label, on positives and negatives
+    tie_rows = [int(np.flatnonzero(targets[:, c] == (c % 2))[0]) for c in range(4)]
+    for c, row in enumerate(tie_rows):
+        probs[row, c] = thresholds[c].item()
+    predicted = probs > thresholds.numpy() if compare == "gt" else probs >= thresholds.numpy()
+    other = probs >= thresholds.numpy() if compare == "gt" else probs > thresholds.numpy()
+    assert (predicted != other).sum() == 4  # the rule decides the four ties
+    p = precision_score(targets, predicted, average=None, zero_division=0).mean()
+    r = recall_score(targets, predicted, average=None, zero_division=0).mean()
+    got = export.accuracy(probs, targets, thresholds, compare)
+    assert got["per_class/f1"] == pytest.approx(2 * p * r / (p + r), abs=1e-6)
+    assert got["mAP"] == pytest.approx(100 * average_precision_score(targets, probs, average="macro"), abs=1e-4)
+
+
+def test_calibration_batches_give_every_image_once_in_order():
+    images = np.arange(7 * 3 * 2 * 2, dtype=np.uint8).reshape(7, 3, 2, 2)
+    reader = export._Batches(images, 3)
+    batches = [b["images"] for b in iter(reader.get_next, None)]
+    assert [len(b) for b in batches] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate(batches), images)
+    assert reader.get_next() is None
+
+
+def test_split_images_leave_out_an_unreadable_one_and_keep_the_targets_in_step(tmp_path):
+    from dataset import Split
+
+    data = write_dataset(tmp_path / "tiny", n_train=6, n_test=2)
+    paths = sorted((data / "images").iterdir())[:5]
+    paths[1].write_bytes(b"broken")
+    targets = torch.arange(5 * 2, dtype=torch.float32).view(5, 2)  # row i is (2i, 2i + 1): rows are told apart
+    images, kept = export.load_split_images(Split("part", [p.name for p in paths], paths, targets), 32)
+    assert images.shape == (4, 3, 32, 32) and images.dtype == np.uint8
+    np.testing.assert_array_equal(kept, targets[[0, 2, 3, 4]].numpy())
+    np.testing.assert_array_equal(images[1], load_image(paths[2], 32).numpy())
+
+
+def _mcc_reference(probs, targets, grid, fallback):
+    chosen = []
+    for c in range(targets.shape[1]):
+        mcc = [matthews_corrcoef(targets[:, c], (probs[:, c] >= g).astype(int)) for g in grid]
+        chosen.append((grid[0] if fallback == "first" else 0.5) if max(map(abs, mcc)) == 0 else grid[int(np.argmax(mcc))])
+    return np.array(chosen)
+
+
+@pytest.mark.parametrize("split", ["train", "val", "train+val"])
+def test_refitting_uses_the_runs_split_method_grid_and_fallback(exported_run, tmp_path, split):
+    from components import load_data
+    from distributed import World
+    from runs import load_config
+
+    run_dir, data = exported_run
+    run_main("--export", "onnx", "--checkpoint", run_dir, "--output", tmp_path / "m.onnx")
+    model = (tmp_path / "m.onnx").read_bytes()
+    splits = load_data(str(data), load_config(run_dir), False, World())
+    parts = {"train": [splits.train], "val": [splits.val], "train+val": [splits.train, splits.val]}[split]
+    images = np.concatenate([np.stack([load_image(p, 32).numpy() for p in part.paths]) for part in parts])
+    targets = torch.cat([part.targets for part in parts]).numpy().astype(int)
+    probs = export.OnnxAnnotator(model).probabilities(images)
+    grid = [0.2, 0.35, 0.55, 0.9]  # not the default grid
+    record = {"method": "mcc", "split": split, "grid": grid, "fallback": "first", "image_size": 32}
+    got = export.refit_int8_thresholds(model, record, splits).numpy()
+    expected = _mcc_reference(probs, targets, grid, "first")
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert len(set(expected.tolist())) > 1 and not set(expected.tolist()) <= {0.5}
+    assert not np.allclose(expected, _mcc_reference(probs, targets, [round(0.05 * k, 2) for k in range(1, 20)],
+                                                   "default"))
+
+
+def test_int8_measures_every_score_under_the_runs_rule_and_says_the_refit(exported_run, tmp_path, monkeypatch,
+                                                                         capsys):
+    from components import load_data
+    from distributed import World
+    from runs import load_config
+
+    run_dir, data = exported_run
+    run_main("--export", "onnx", "--checkpoint", run_dir, "--output", tmp_path / "m.onnx")
+    config = load_config(run_dir)
+    splits = load_data(str(data), config, False, World())
+    monkeypatch.setattr(export, "quantize_int8", lambda model, calibration: model)  # the pieces around it
+    rules = []
+    real = export.accuracy
+    monkeypatch.setattr(export, "accuracy", lambda *a: rules.append(a[3]) or real(*a))
+    fitted = {"thresholds": torch.tensor([0.35, 0.5, 0.42, 0.6, 0.28]), "compare": "gt"}
+    refit = {"method": "mcc", "split": "val", "grid": GRID, "fallback": "default"}
+    done = export.export_int8((tmp_path / "m.onnx").read_bytes(), tmp_path / "m.int8.onnx", splits, config, fitted,
+                              100, 8, refit)
+    assert rules == ["gt", "gt", "gt"]  # fp32, int8, int8 refitted
+    measured = done["accuracy"]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"Wrote {tmp_path / 'm.int8.onnx'}: test set (16 images): mAP {measured['fp32']['mAP']:.2f} fp32, "
+        f"{measured['int8']['mAP']:.2f} int8; per-class F1 {measured['fp32']['per_class/f1']:.4f} fp32, "
+        f"{measured['int8']['per_class/f1']:.4f} int8; {measured['int8_refit']['per_class/f1']:.4f} int8 with "
+        f"thresholds refitted on val.")
+
+
+def test_a_missing_onnxruntime_quantization_names_the_package_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)  # import fails as if not installed
+    with pytest.raises(export.ExportError, match=r"^ONNX export and inference need the optional package onnxruntime; "
+                                                 r"run `pip install onnx onnxruntime`"):
+        export._require("onnxruntime.quantization")

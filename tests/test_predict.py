@@ -2,6 +2,7 @@
 survives an interruption, unreadable files skipped, and an exported ONNX file that tags like the PyTorch model."""
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -222,7 +223,7 @@ def test_onnx_carries_distinct_thresholds_in_label_order_and_applies_its_rule_at
 
 @pytest.mark.parametrize("error, written", [(1e-3, False), (1e-6, True)])
 def test_the_parity_check_refuses_a_real_difference_and_accepts_float_noise(evaluated_run, tmp_path, monkeypatch,
-                                                                           error, written):
+                                                                           capsys, error, written):
     pytest.importorskip("onnxruntime")
     run, _ = evaluated_run
     real = export.OnnxAnnotator.probabilities
@@ -233,6 +234,8 @@ def test_the_parity_check_refuses_a_real_difference_and_accepts_float_noise(eval
     else:
         with pytest.raises(SystemExit):
             cli(["--export", "onnx", "--checkpoint", str(run), "--output", str(tmp_path / "model.onnx")])
+        assert re.search(r"ONNX Runtime's probabilities differ from PyTorch's by 1\.0\de-03 \(>= 0\.0001\) on 10 "
+                         r"images; the file was not written\.$", capsys.readouterr().err.strip())
     assert (tmp_path / "model.onnx").exists() is written
 
 
@@ -466,3 +469,70 @@ def test_a_resumed_output_whose_continuation_fails_keeps_its_rows(fast, tmp_path
     with pytest.raises(UserError, match="non-finite"):
         _predict(run, data / "images", "--output", tmp_path / "part", "--batch-size", "8")
     assert (tmp_path / "part.csv").read_text() == kept and (tmp_path / "part.partial.json").is_file()
+
+
+def test_the_progress_bar_counts_every_image_of_the_folder(fast, capsys):
+    from main import get_args_parser, main
+
+    run, data = fast
+    main(get_args_parser().parse_args(["--predict", str(data / "images"), "--checkpoint", str(run),
+                                       "--num-workers", "0", "--batch-size", "8"]))
+    captured = capsys.readouterr()
+    bar = captured.err.replace("\r", "\n").splitlines()
+    assert any(line.startswith("annotating: 100%") and "34/34" in line and "img/s" in line for line in bar)
+    assert not any(" 35/34" in line or "/None" in line for line in bar)
+    assert "café" not in captured.out  # with a bar, no line per image
+
+
+def test_an_interruption_between_batches_resumes_after_its_last_complete_line(fast, tmp_path, monkeypatch, capsys):
+    run, data = fast
+    real = predict._append
+
+    def stop_after_two(table, rows):
+        real(table, rows)
+        if (tmp_path / "o.csv").read_text().count("\n") > 16:
+            raise KeyboardInterrupt  # the table ends with a complete line: nothing of it is dropped
+
+    monkeypatch.setattr(predict, "_append", stop_after_two)
+    with pytest.raises(Interrupted, match="^16 of 34"):
+        _predict(run, data / "images", "--output", tmp_path / "o", "--batch-size", "8")
+    monkeypatch.setattr(predict, "_append", real)
+    capsys.readouterr()
+    rows = _predict(run, data / "images", "--output", tmp_path / "o", "--batch-size", "8")
+    assert f"Resuming: 16 of 34 images are already in {tmp_path / 'o.csv'}." in capsys.readouterr().out
+    assert len(rows) == 34 and len((tmp_path / "o.csv").read_text().splitlines()) == 1 + 34
+
+
+def test_an_interrupted_overwrite_leaves_no_stale_finished_output(fast, tmp_path, monkeypatch):
+    run, data = fast
+    (tmp_path / "old.json").write_text("[]")
+    (tmp_path / "old.csv").write_text("image,labels,scores\nghost.jpg,[],[]\n")
+    monkeypatch.setattr(predict, "_append", lambda table, rows: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(Interrupted, match="^0 of 34 images are tagged"):
+        _predict(run, data / "images", "--output", tmp_path / "old", "--overwrite")
+    # The old output was removed before tagging began: what is left is the new, unfinished one, which a rerun continues.
+    assert not (tmp_path / "old.json").exists() and (tmp_path / "old.partial.json").is_file()
+    assert "ghost.jpg" not in (tmp_path / "old.csv").read_text()
+
+
+def test_an_unfinished_onnx_output_is_continued_by_that_file_only(evaluated_run, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    run, data = evaluated_run
+    cli(["--export", "onnx", "--checkpoint", str(run), "--output", str(tmp_path / "a.onnx")])
+    shutil.copy(tmp_path / "a.onnx", tmp_path / "b.onnx")  # same model and thresholds, another file
+    real = predict._append
+
+    def stop_after_first(table, rows):
+        real(table, rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "_append", stop_after_first)
+    with pytest.raises(Interrupted, match="^8 of 34"):
+        tag(tmp_path / "a.onnx", data / "images", tmp_path / "o", "--batch-size", "8")
+    monkeypatch.setattr(predict, "_append", real)
+    assert json.loads((tmp_path / "o.partial.json").read_text())["source"] == str(tmp_path / "a.onnx")
+    with pytest.raises(UserError, match="is from an unfinished --predict with other options"):
+        tag(tmp_path / "b.onnx", data / "images", tmp_path / "o")
+    assert len(tag(tmp_path / "a.onnx", data / "images", tmp_path / "o")) == 34
