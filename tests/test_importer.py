@@ -547,6 +547,10 @@ def test_the_stratified_split_on_hand_made_cases():
         test = importer.stratified_split(y, fraction, seed=0)
         assert test[[0, 1]].sum() == 1 and test[5] == (fraction == 0.9)
         assert test[[2, 3, 4]].sum() == (1 if fraction == 0.1 else 2)
+    # Label 2 (one image) goes first and places image 1; label 0 then has one image left, which its own wishes place:
+    # on the test side, so that label 0 is on both sides (not on the side that wants most images).
+    y = np.array([[1, 0, 0], [1, 0, 1], [0, 0, 0]], dtype=bool)
+    assert importer.stratified_split(y, 0.2, seed=0).tolist() == [True, False, False]
     unlabelled = importer.stratified_split(np.zeros((10, 2), dtype=bool), 0.3, seed=0)
     assert unlabelled.sum() == 3  # images without labels fill the test set to its size
 
@@ -639,6 +643,10 @@ def test_tag_files_and_class_folders_are_read_image_by_image(tmp_path):
     expected["trip0__0.png"] = (album / "trip0" / "0.png", ["sky", "sun"])
     expected["untagged.png"] = (album / "untagged.png", [])
     assert records == expected
+    (album / "trip0" / "0.txt").write_text("blue sky|sun\n", encoding="utf-8")
+    options = importer.get_args_parser().parse_args([str(album), str(tmp_path / "out"), "--label-separator", "|"])
+    records = {r.name: r.labels for r in importer.SOURCES["tags"](album, options)}
+    assert records["trip0__0.png"] == ["blue sky", "sun"]  # --label-separator reaches the tag files
     classes = folder_source(tmp_path)
     draw(classes / "loose.jpg", ["sky"])  # not in a class folder: not an image of any class
     options = importer.get_args_parser().parse_args([str(classes), str(tmp_path / "out2")])
