@@ -282,7 +282,8 @@ def _mcc_reference(probs, targets, grid, fallback):
     chosen = []
     for c in range(targets.shape[1]):
         mcc = [matthews_corrcoef(targets[:, c], (probs[:, c] >= g).astype(int)) for g in grid]
-        chosen.append((grid[0] if fallback == "first" else 0.5) if max(map(abs, mcc)) == 0 else grid[int(np.argmax(mcc))])
+        fallen_back = grid[0] if fallback == "first" else 0.5
+        chosen.append(fallen_back if max(map(abs, mcc)) == 0 else grid[int(np.argmax(mcc))])
     return np.array(chosen)
 
 

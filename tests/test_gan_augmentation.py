@@ -507,12 +507,19 @@ def test_the_last_process_to_finish_writes_the_complete_train_aug_json_whatever_
     for rank in range(world_size):  # every process plans before any finishes
         jobs[rank] = cli.plan(args, World(rank, world_size))
     assert sorted(s["image_name"] for j in jobs.values() for s in j.mine) == [f"{i}.jpeg" for i in range(5)]
+    bars, real_tqdm = [], cli.tqdm
+    monkeypatch.setattr(cli, "tqdm", lambda **kw: bars.append(kw) or real_tqdm(**kw))
     for position, rank in enumerate(order):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", str(world_size))
         monkeypatch.setattr(cli, "plan", lambda args, world: jobs[world.rank])
         summary = cli.run(args)
         assert summary["complete"] is (position == world_size - 1)
+        assert summary["rank"] == f"rank {rank}/{world_size}: "
+    # Each process's bar says whose it is, on its own line.
+    settings = f"ML-WGAN-GP K={cli.AUTO_GROUP_SIZE['cpu']} {cli.AUTO_BACKEND['cpu']} cpu"
+    expected = [(f"rank {rank}/{world_size} {settings}", rank) for rank in order]
+    assert [(b["desc"], b["position"]) for b in bars] == expected
     listed = json.loads((five_images / "train_aug.json").read_text())["samples"]
     assert len(listed) == 15 and (five_images / "train_aug.json").read_text() == (alone / "train_aug.json").read_text()
 
@@ -606,7 +613,8 @@ def test_the_flags_reach_each_group_and_the_bar_and_summary_say_what_ran(dataset
         "trained": 3, "group_size": 2, "backend": "loop", "device": "cpu", "root": str(dataset), "spread": 5.0,
         "rank": ""}
     err = capsys.readouterr().err
-    assert "ML-WGAN-GP K=2 loop cpu: 100%" in err and "3/3" in err and "img/s" in err and "rank " not in err
+    assert "3/3" in err and "img/s" in err and "rank " not in err
+    assert any(line.startswith("ML-WGAN-GP K=2 loop cpu: 100%") for line in err.replace("\r", "\n").splitlines())
     assert "group it 1/3" in err
     seconds = re.findall(r"last group (\d+\.\d)s", err)  # each group's time, shown as the group ends
     assert seconds and all(0 <= float(s) < 60 for s in seconds)
