@@ -3,13 +3,21 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from tqdm import tqdm
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+# tqdm's default lock holds a multiprocessing semaphore that every fork of this process shares: a forked child stopped
+# while it holds it (as mutmut stops a mutant that runs too long) leaves it held for good, and every later fork that
+# draws a bar then hangs. The tests draw bars from one process at a time: a lock of this process is all they need.
+tqdm.set_lock(threading.RLock())
+tqdm.monitor_interval = 0  # no monitor thread, whose lock a fork could copy held
 
 
 def write_dataset(root: Path, n_train: int = 24, n_test: int = 10, labels=("sky", "sun", "water", "boat", "tree"),
