@@ -561,6 +561,12 @@ def test_spread_ratio_is_the_fakes_pixel_spread_over_the_real_images():
     assert float(spread_ratio(flat, real)) == 0.0
     assert float(spread_ratio(half, real)) == pytest.approx(0.5)
     assert float(spread_ratio(real, real)) == pytest.approx(1.0)
+    # Channels of different spreads, all below 1 (images in [-1, 1]), against numpy: mean of the channel stds (N - 1).
+    rng = np.random.default_rng(0)
+    fake = rng.uniform(-0.2, 0.2, (3, 6, 5)) * np.array([1.0, 2.0, 3.0])[:, None, None]
+    real = rng.uniform(-0.5, 0.5, (3, 4, 4))
+    expected = np.mean([fake[c].std(ddof=1) for c in range(3)]) / np.mean([real[c].std(ddof=1) for c in range(3)])
+    assert float(spread_ratio(torch.from_numpy(fake), torch.from_numpy(real))) == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_run_with_too_few_iterations_warns_that_its_fakes_are_flat(dataset, capsys):
