@@ -653,3 +653,23 @@ def test_tag_files_and_class_folders_are_read_image_by_image(tmp_path):
     records = {r.name: (r.path, r.labels) for r in importer.SOURCES["folders"](classes, options)}
     assert records == {f"{LABELS[i % 5]}__{i // 5:03d}.jpg": (classes / LABELS[i % 5] / f"{i // 5:03d}.jpg",
                                                               [LABELS[i % 5]]) for i in range(40)}
+
+
+def test_the_seed_chooses_the_split_and_an_unwritable_out_names_the_fix(tmp_path, capsys):
+    rows = ["file,tags"]
+    for i in range(20):  # one label on every image: which 4 go to the test set is the seed's choice alone
+        draw(tmp_path / "pics" / f"{i}.jpg", ["sky"])
+        rows.append(f"pics/{i}.jpg,sky")
+    (tmp_path / "photos.csv").write_text("\n".join(rows) + "\n")
+
+    def test_set(out, seed):
+        assert importer.main([str(tmp_path / "photos.csv"), str(tmp_path / out), "--seed", str(seed),
+                              "--no-progress"]) == 0
+        return sorted(s["image_name"] for s in json.loads((tmp_path / out / "test.json").read_text())["samples"])
+
+    first, again, other = test_set("a", 7), test_set("b", 7), test_set("c", 8)
+    assert len(first) == 4 and first == again and other != first
+    (tmp_path / "a_file").write_text("x")
+    assert importer.main([str(tmp_path / "photos.csv"), str(tmp_path / "a_file" / "out")]) == 2
+    assert capsys.readouterr().err.strip().endswith("is a file where a folder is needed; give OUT a place you can "
+                                                    "write to (nothing was written).")
