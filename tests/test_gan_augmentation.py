@@ -19,7 +19,7 @@ from torch import nn
 
 from distributed import World
 from DataAugmentation import cli
-from DataAugmentation.files import fakes_to_images, load_real_image, output_names
+from DataAugmentation.files import BadImageError, fakes_to_images, load_real_image, output_names
 from DataAugmentation.models import GanConfig, GroupedCritic, GroupedGenerator, init_group_, upsampling_stages
 from DataAugmentation.train import draw_randomness, gradient_penalty, image_seed, train_group, train_images
 
@@ -253,15 +253,31 @@ def test_train_group_rejects_bad_input():
 # ---------------------------------------------------------------------------------------------- images
 def test_real_image_preprocessing_matches_the_studys_transforms(tmp_path):
     rng = np.random.default_rng(0)
-    for i, (w, h) in enumerate([(192, 128), (128, 192)]):  # landscape and portrait Corel-5k images
+    for i, (w, h) in enumerate([(192, 128), (128, 192), (150, 150)]):  # landscape, portrait, square (not rotated)
         path = tmp_path / f"{i}.png"
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
         image = Image.open(path).convert("RGB")
         if image.height == 192:
             image = image.rotate(90, expand=True)
-        expected = T.Compose([T.CenterCrop((122, 186)), T.Resize((128, 192)), T.ToTensor(),
+        crop = (round(image.height * 122 / 128), round(image.width * 186 / 192))  # (122, 186) on a Corel-5k image
+        expected = T.Compose([T.CenterCrop(crop), T.Resize((128, 192)), T.ToTensor(),
                               T.Normalize([0.5] * 3, [0.5] * 3)])(image)
         torch.testing.assert_close(load_real_image(path, 128, 192), expected, rtol=0, atol=1e-5)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(BadImageError, match=r"^Image '.*broken\.jpg' cannot be read \(UnidentifiedImageError: "
+                                            r"cannot identify image file .*\); replace the file or remove it from "
+                                            r"train\.json\.$"):
+        load_real_image(tmp_path / "broken.jpg", 128, 192)
+
+
+def test_fake_pixels_saturate_beyond_the_range_instead_of_wrapping_around():
+    """A fake's values past [-1, 1] (a generator without its tanh, bf16 rounding) become 0 or 255 under either
+    encoding, never the other end of the uint8 range."""
+    from DataAugmentation.files import fake_pixels
+
+    x = torch.tensor([-3.0, -1.001, -1.0, 0.0, 1.0, 1.001, 3.0]).view(1, 1, 7)
+    assert fake_pixels(x).flatten().tolist() == [0, 0, 0, 128, 255, 255, 255]  # round(255 (x + 1) / 2)
+    assert fake_pixels(x, "study").flatten().tolist() == [0, 0, 0, 127, 255, 255, 255]  # floor(255 (x / 2 + 0.5))
 
 
 def test_output_images_are_the_fake_its_mirror_and_its_clockwise_rotation():
