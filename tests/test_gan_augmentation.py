@@ -523,8 +523,10 @@ def test_the_last_process_to_finish_writes_the_complete_train_aug_json_whatever_
     for rank in range(world_size):  # every process plans before any finishes
         jobs[rank] = cli.plan(args, World(rank, world_size))
     assert sorted(s["image_name"] for j in jobs.values() for s in j.mine) == [f"{i}.jpeg" for i in range(5)]
-    bars, real_tqdm = [], cli.tqdm
+    bars, real_tqdm, precisions, real_train = [], cli.tqdm, [], cli.train_images
     monkeypatch.setattr(cli, "tqdm", lambda **kw: bars.append(kw) or real_tqdm(**kw))
+    monkeypatch.setattr(cli, "train_images",
+                        lambda *a, **kw: precisions.append(kw["precision"]) or real_train(*a, **kw))
     for position, rank in enumerate(order):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", str(world_size))
@@ -532,10 +534,13 @@ def test_the_last_process_to_finish_writes_the_complete_train_aug_json_whatever_
         summary = cli.run(args)
         assert summary["complete"] is (position == world_size - 1)
         assert summary["rank"] == f"rank {rank}/{world_size}: "
+        # train_aug.json's count is said by rank 0 and by the last finisher; the others say who writes it.
+        assert (summary["entries"] is None) is (rank != 0 and position != world_size - 1)
     # Each process's bar says whose it is, on its own line.
     settings = f"ML-WGAN-GP K={cli.AUTO_GROUP_SIZE['cpu']} {cli.AUTO_BACKEND['cpu']} cpu"
     expected = [(f"rank {rank}/{world_size} {settings}", rank) for rank in order]
     assert [(b["desc"], b["position"]) for b in bars] == expected
+    assert all(b["disable"] for b in bars) and precisions and set(precisions) == {"fp32"}  # --no-progress, no --amp
     listed = json.loads((five_images / "train_aug.json").read_text())["samples"]
     assert len(listed) == 15 and (five_images / "train_aug.json").read_text() == (alone / "train_aug.json").read_text()
 
