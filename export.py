@@ -77,8 +77,7 @@ def onnx_bytes(annotator: Annotator, image_size: int, metadata: dict[str, str]) 
 def export_onnx(model: nn.Module, mean, std, image_size: int, vocabulary: list[str], thresholds: torch.Tensor,
                 compare: str, check_images: torch.Tensor, path: Path | None) -> dict:
     """The ONNX file of `model`, once ONNX Runtime agrees with PyTorch on `check_images` (B, 3, S, S) uint8, written
-    to `path` (atomically; None: not written); returns {"path", "bytes", "metadata", "max_abs_difference",
-    "images"}."""
+    to `path` (atomically; None: not written); returns {"path", "bytes", "max_abs_difference", "images"}."""
     annotator = Annotator(model.cpu(), mean, std)
     metadata = {"vocabulary": json.dumps(vocabulary), "thresholds": json.dumps([float(t) for t in thresholds]),
                 "threshold_compare": compare, "image_size": str(image_size),
@@ -100,8 +99,7 @@ def export_onnx(model: nn.Module, mean, std, image_size: int, vocabulary: list[s
                           f"on {len(check_images)} images; the file was not written.")
     if path is not None:
         atomic_write_bytes(path, data)
-    return {"path": str(path), "bytes": data, "metadata": metadata, "max_abs_difference": difference,
-            "images": len(check_images)}
+    return {"path": str(path), "bytes": data, "max_abs_difference": difference, "images": len(check_images)}
 
 
 # ---------------------------------------------------------------- int8: static quantisation, measured before written

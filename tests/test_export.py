@@ -226,7 +226,8 @@ def test_refitting_needs_to_know_how_the_run_was_fitted(tmp_path):
     record = json.loads((run_dir / "thresholds.json").read_text())
     (run_dir / "thresholds.json").write_text(json.dumps({**record, "split": "cv", "folds": 5}))
     with pytest.raises(export.ExportError, match=r"^--int8-thresholds refit needs the thresholds.json of an --evaluate "
-                                                 r"by this version, fitted on train, val or train\+val"):
+                                                 r"by this version, fitted on train, val or train\+val; run --evaluate "
+                                                 rf"--checkpoint {run_dir} again\.$"):
         export.export_run(run_dir, tmp_path / "m.int8.onnx", quantize="int8", refit_thresholds=True)
     assert not (tmp_path / "m.int8.onnx").exists()
 
@@ -345,3 +346,27 @@ def test_a_missing_onnxruntime_quantization_names_the_package_to_install(monkeyp
     with pytest.raises(export.ExportError, match=r"^ONNX export and inference need the optional package onnxruntime; "
                                                  r"run `pip install onnx onnxruntime`"):
         export._require("onnxruntime.quantization")
+
+
+def test_the_check_images_come_from_data_when_given_up_to_16_and_a_missing_one_is_skipped(tmp_path):
+    run_dir = make_run(tmp_path / "runs", write_dataset(tmp_path / "tiny", n_train=12, n_test=10),
+                       thresholds=[0.5] * 5)
+    other = write_dataset(tmp_path / "other", n_train=12, n_test=20, seed=1)
+    (other / "images" / "10004.jpeg").unlink()  # listed in test.json, missing: skipped, as --evaluate skips it
+    assert export.export_run(run_dir, tmp_path / "own.onnx")["images"] == 10
+    assert export.export_run(run_dir, tmp_path / "other.onnx", data=str(other))["images"] == 16  # of 19
+
+
+def test_the_library_defaults_are_the_commands_and_errors_name_the_fix(tmp_path):
+    import inspect
+
+    parameters = inspect.signature(export.export_run).parameters
+    defaults = get_args_parser().parse_args([])
+    assert parameters["max_map_drop"].default == defaults.max_map_drop == 1.0
+    assert parameters["calibration_images"].default == defaults.calibration_images == 128
+    run_dir = make_run(tmp_path / "runs", write_dataset(tmp_path / "tiny", n_train=12, n_test=4),
+                       thresholds=[0.5] * 5)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match=r"is a file where a folder is needed; give --output a place you can write "
+                                        r"to\.$"):
+        export.export_run(run_dir, tmp_path / "a_file" / "m.onnx")
