@@ -482,6 +482,8 @@ def test_the_progress_bar_counts_every_image_of_the_folder(fast, capsys):
     assert any(line.startswith("annotating: 100%") and "34/34" in line and "img/s" in line for line in bar)
     assert not any(" 35/34" in line or "/None" in line for line in bar)
     assert "café" not in captured.out  # with a bar, no line per image
+    _predict(run, data / "images", "--output", run / "quiet")  # --no-progress: no bar at all
+    assert "annotating" not in capsys.readouterr().err
 
 
 def test_an_interruption_between_batches_resumes_after_its_last_complete_line(fast, tmp_path, monkeypatch, capsys):
