@@ -290,6 +290,7 @@ def test_output_images_are_the_fake_its_mirror_and_its_clockwise_rotation():
     assert rotated.shape == (24, 16, 3)
     assert output_names("1000.jpeg") == ("1000_aug.jpeg", "1000_aug_hor_flip.jpeg", "1000_aug_rot_90.jpeg")
     assert output_names("15001.jpg")[2] == "15001_aug_rot_90.jpg" and output_names("a.png")[0] == "a_aug.jpeg"
+    assert output_names("IMG_7.JPEG")[1] == "IMG_7_aug_hor_flip.JPEG"  # a JPEG keeps its suffix as written
 
 
 # ---------------------------------------------------------------------------------------------- command line
