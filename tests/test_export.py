@@ -243,7 +243,7 @@ def test_accuracy_is_sklearns_under_the_runs_rule_at_a_tie(compare):
     targets[0], targets[1] = 1, 0  # every label has positives and negatives
     probs = rng.random((40, 4)).astype(np.float32)
     thresholds = torch.tensor([0.3, 0.45, 0.6, 0.7])
-    probs[targets[:, 0] == 1, 0][:1] = 0.3  # ties at a threshold, one per label, on positives and negatives
+    # Ties at a threshold, one per label, on positives (labels 1, 3) and negatives (labels 0, 2).
     tie_rows = [int(np.flatnonzero(targets[:, c] == (c % 2))[0]) for c in range(4)]
     for c, row in enumerate(tie_rows):
         probs[row, c] = thresholds[c].item()
@@ -370,3 +370,29 @@ def test_the_library_defaults_are_the_commands_and_errors_name_the_fix(tmp_path)
     with pytest.raises(UserError, match=r"is a file where a folder is needed; give --output a place you can write "
                                         r"to\.$"):
         export.export_run(run_dir, tmp_path / "a_file" / "m.onnx")
+
+
+def test_the_calibration_sample_is_seeded_by_the_runs_seed(exported_run):
+    from components import load_data
+    from distributed import World
+    from runs import load_config
+
+    run_dir, data = exported_run
+    config = load_config(run_dir)
+    splits = load_data(str(data), config, False, World())
+    for seed in (0, 3):
+        got = export.calibration_sample(splits, {**config, "seed": seed}, 5)  # (5, 3, S, S)
+        order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(seed))[:5]
+        expected = np.stack([load_image(splits.train.paths[int(i)], 32).numpy() for i in order])
+        np.testing.assert_array_equal(got, expected)  # no GAN copies here: every training image is an original
+    assert not np.array_equal(export.calibration_sample(splits, {**config, "seed": 3}, 5),
+                              export.calibration_sample(splits, {**config, "seed": 0}, 5))
+
+
+def test_a_missing_or_folder_onnx_path_says_what_it_is(tmp_path):
+    with pytest.raises(export.ExportError, match=r"^'.*missing\.onnx' cannot be opened by ONNX Runtime "
+                                                 r"\(FileNotFoundError: "):
+        export.OnnxAnnotator(tmp_path / "missing.onnx")
+    (tmp_path / "folder.onnx").mkdir()
+    with pytest.raises(export.ExportError, match=r"\(IsADirectoryError: "):
+        export.OnnxAnnotator(tmp_path / "folder.onnx")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -262,7 +263,10 @@ def test_real_image_preprocessing_matches_the_studys_transforms(tmp_path):
         crop = (round(image.height * 122 / 128), round(image.width * 186 / 192))  # (122, 186) on a Corel-5k image
         expected = T.Compose([T.CenterCrop(crop), T.Resize((128, 192)), T.ToTensor(),
                               T.Normalize([0.5] * 3, [0.5] * 3)])(image)
-        torch.testing.assert_close(load_real_image(path, 128, 192), expected, rtol=0, atol=1e-5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning on the way (e.g. torch's about a read-only numpy array)
+            got = load_real_image(path, 128, 192)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(BadImageError, match=r"^Image '.*broken\.jpg' cannot be read \(UnidentifiedImageError: "
                                             r"cannot identify image file .*\); replace the file or remove it from "

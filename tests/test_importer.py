@@ -669,7 +669,21 @@ def test_the_seed_chooses_the_split_and_an_unwritable_out_names_the_fix(tmp_path
 
     first, again, other = test_set("a", 7), test_set("b", 7), test_set("c", 8)
     assert len(first) == 4 and first == again and other != first
+    chosen = importer.stratified_split(np.ones((20, 1), dtype=bool), 0.2, seed=7)  # the seed given, not another
+    assert first == sorted(f"pics__{i}.jpg" for i in np.flatnonzero(chosen))
     (tmp_path / "a_file").write_text("x")
     assert importer.main([str(tmp_path / "photos.csv"), str(tmp_path / "a_file" / "out")]) == 2
     assert capsys.readouterr().err.strip().endswith("is a file where a folder is needed; give OUT a place you can "
                                                     "write to (nothing was written).")
+
+
+def test_merge_case_keeps_spellings_apart_that_differ_by_more_than_case(tmp_path):
+    """'Fluss' and 'Fluß' are two spellings, not one label in two cases ('ß'.upper() is 'SS'): not refused as
+    variants, and both kept."""
+    rows = ["file,tags"]
+    for i in range(12):
+        draw(tmp_path / "pics" / f"{i}.jpg", ["sky"])
+        rows.append(f"pics/{i}.jpg,sky {'Fluss' if i % 2 else 'Fluß'}")
+    (tmp_path / "photos.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    assert importer.main([str(tmp_path / "photos.csv"), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "out" / "train.json").read_text())["labels"] == ["Fluss", "Fluß", "sky"]

@@ -484,6 +484,17 @@ def test_the_progress_bar_counts_every_image_of_the_folder(fast, capsys):
     assert "café" not in captured.out  # with a bar, no line per image
     _predict(run, data / "images", "--output", run / "quiet")  # --no-progress: no bar at all
     assert "annotating" not in capsys.readouterr().err
+    folder = run / "mixed"  # an unreadable file counts on the bar too: it ends at the folder's count
+    folder.mkdir()
+    for name in sorted(p.name for p in (data / "images").iterdir())[:3]:
+        (folder / name).symlink_to(data / "images" / name)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    main(get_args_parser().parse_args(["--predict", str(folder), "--checkpoint", str(run), "--num-workers", "0",
+                                       "--output", str(run / "mixed_tags")]))
+    assert any(line.startswith("annotating: 100%") and "4/4" in line
+               for line in capsys.readouterr().err.replace("\r", "\n").splitlines())
+    # The reason given for a file that fails in the loader but reads when asked again (a copy still being written).
+    assert predict.unreadable_reason(data / "images" / "10000.jpeg") == "unreadable"
 
 
 def test_an_interruption_between_batches_resumes_after_its_last_complete_line(fast, tmp_path, monkeypatch, capsys):
