@@ -304,16 +304,22 @@ def test_the_csv_row_by_row_the_options_file_and_the_printed_lines(fast, tmp_pat
                                   f"({run / 'thresholds.json'})."
 
 
-def test_the_options_of_an_unfinished_output_are_its_marker_and_each_refuses_another(fast, tmp_path, monkeypatch):
-    run, data = fast
-    real, calls = predict._append, []
+def interrupt_after_first_batch(monkeypatch):
+    """Make --predict stop with a Ctrl-C right after its first batch is written (the table then ends with a complete
+    line); returns the real predict._append, to put back."""
+    real = predict._append
 
-    def stop_after_first(table, rows):
+    def append_then_stop(table, rows):
         real(table, rows)
-        calls.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(predict, "_append", stop_after_first)
+    monkeypatch.setattr(predict, "_append", append_then_stop)
+    return real
+
+
+def test_the_options_of_an_unfinished_output_are_its_marker_and_each_refuses_another(fast, tmp_path, monkeypatch):
+    run, data = fast
+    real = interrupt_after_first_batch(monkeypatch)
     with pytest.raises(Interrupted, match="^8 of 34 images are tagged"):
         _predict(run, data / "images", "--output", tmp_path / "o", "--batch-size", "8", "--min-score", "0.1")
     monkeypatch.setattr(predict, "_append", real)
@@ -451,13 +457,7 @@ def test_overwrite_of_an_output_that_does_not_exist_yet_and_refusal_by_default(f
 
 def test_a_resumed_output_whose_continuation_fails_keeps_its_rows(fast, tmp_path, monkeypatch):
     run, data = fast
-    real = predict._append
-
-    def stop_after_eight(table, rows):
-        real(table, rows)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(predict, "_append", stop_after_eight)
+    interrupt_after_first_batch(monkeypatch)
     with pytest.raises(Interrupted, match="^8 of 34"):
         _predict(run, data / "images", "--output", tmp_path / "part", "--batch-size", "8")
     kept = (tmp_path / "part.csv").read_text()
@@ -535,13 +535,7 @@ def test_an_unfinished_onnx_output_is_continued_by_that_file_only(evaluated_run,
     run, data = evaluated_run
     cli(["--export", "onnx", "--checkpoint", str(run), "--output", str(tmp_path / "a.onnx")])
     shutil.copy(tmp_path / "a.onnx", tmp_path / "b.onnx")  # same model and thresholds, another file
-    real = predict._append
-
-    def stop_after_first(table, rows):
-        real(table, rows)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(predict, "_append", stop_after_first)
+    real = interrupt_after_first_batch(monkeypatch)
     with pytest.raises(Interrupted, match="^8 of 34"):
         tag(tmp_path / "a.onnx", data / "images", tmp_path / "o", "--batch-size", "8")
     monkeypatch.setattr(predict, "_append", real)
