@@ -25,8 +25,39 @@ def exported_run(tmp_path_factory):
     return make_run(tmp_path_factory.mktemp("runs"), data, thresholds=[0.35, 0.5, 0.42, 0.6, 0.28]), data
 
 
+@pytest.fixture(scope="module")
+def run_splits(exported_run):
+    """The run's config and its dataset's splits (train, val, test), loaded once for the tests of the pieces."""
+    from components import load_data
+    from distributed import World
+    from runs import load_config
+
+    run_dir, data = exported_run
+    config = load_config(run_dir)
+    return config, load_data(str(data), config, False, World())
+
+
+@pytest.fixture(scope="module")
+def fp32_model(exported_run, tmp_path_factory):
+    """The run exported to ONNX (bytes), once for the tests that feed it to the int8 pieces."""
+    path = tmp_path_factory.mktemp("fp32") / "m.onnx"
+    run_main("--export", "onnx", "--checkpoint", exported_run[0], "--output", path)
+    return path.read_bytes()
+
+
 def run_main(*argv):
     return main(get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def mcc_reference(probs, targets, grid, fallback):
+    """Per-label thresholds recomputed with scikit-learn: the first grid point of highest MCC; a label whose MCC is 0
+    at every point falls back to grid[0] ("first") or 0.5 ("default")."""
+    chosen = []
+    for c in range(targets.shape[1]):
+        mcc = [matthews_corrcoef(targets[:, c], (probs[:, c] >= g).astype(int)) for g in grid]
+        fallen_back = grid[0] if fallback == "first" else 0.5
+        chosen.append(fallen_back if max(map(abs, mcc)) == 0 else grid[int(np.argmax(mcc))])
+    return np.array(chosen)
 
 
 def test_int8_tags_like_fp32_except_within_the_quantisation_error_of_a_threshold(exported_run, tmp_path):
@@ -77,23 +108,16 @@ def test_an_int8_model_that_loses_too_much_is_refused_and_nothing_is_written(exp
     assert not (tmp_path / "m.int8.onnx").exists() and not list(tmp_path.iterdir())
 
 
-def test_refitted_int8_thresholds_are_fitted_on_the_int8_models_own_predictions(exported_run, tmp_path):
-    from components import load_data
-    from distributed import World
-    from runs import load_config
-
-    run_dir, data = exported_run
+def test_refitted_int8_thresholds_are_fitted_on_the_int8_models_own_predictions(exported_run, run_splits,
+                                                                                tmp_path):
+    run_dir, _ = exported_run
     export.export_run(run_dir, tmp_path / "refit.onnx", quantize="int8", calibration_images=8, refit_thresholds=True,
                       max_map_drop=100)  # 16 test images of a tiny model: the bound is not what is tested here
     int8 = export.OnnxAnnotator(tmp_path / "refit.onnx")
-    val = load_data(str(data), load_config(run_dir), False, World()).val  # thresholds.json: fitted on val
+    val = run_splits[1].val  # thresholds.json: fitted on val
     images = np.stack([load_image(p, 32).numpy() for p in val.paths])
     p, y = int8.probabilities(images).astype(np.float64), val.targets.numpy().astype(int)
-    expected = []
-    for c in range(y.shape[1]):
-        scores = [matthews_corrcoef(y[:, c], (p[:, c] >= g).astype(int)) for g in GRID]
-        expected.append(0.5 if max(abs(s) for s in scores) == 0 else GRID[int(np.argmax(scores))])
-    np.testing.assert_allclose(int8.thresholds.numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(int8.thresholds.numpy(), mcc_reference(p, y, GRID, "default"), atol=1e-6)
     meta = int8.session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["quantization"])["thresholds"] == "refitted on the int8 model's val predictions"
     assert "int8_refit" in json.loads(meta["accuracy"])
@@ -279,25 +303,9 @@ def test_split_images_leave_out_an_unreadable_one_and_keep_the_targets_in_step(t
     np.testing.assert_array_equal(images[1], load_image(paths[2], 32).numpy())
 
 
-def _mcc_reference(probs, targets, grid, fallback):
-    chosen = []
-    for c in range(targets.shape[1]):
-        mcc = [matthews_corrcoef(targets[:, c], (probs[:, c] >= g).astype(int)) for g in grid]
-        fallen_back = grid[0] if fallback == "first" else 0.5
-        chosen.append(fallen_back if max(map(abs, mcc)) == 0 else grid[int(np.argmax(mcc))])
-    return np.array(chosen)
-
-
 @pytest.mark.parametrize("split", ["train", "val", "train+val"])
-def test_refitting_uses_the_runs_split_method_grid_and_fallback(exported_run, tmp_path, split):
-    from components import load_data
-    from distributed import World
-    from runs import load_config
-
-    run_dir, data = exported_run
-    run_main("--export", "onnx", "--checkpoint", run_dir, "--output", tmp_path / "m.onnx")
-    model = (tmp_path / "m.onnx").read_bytes()
-    splits = load_data(str(data), load_config(run_dir), False, World())
+def test_refitting_uses_the_runs_split_method_grid_and_fallback(fp32_model, run_splits, split):
+    model, (_, splits) = fp32_model, run_splits
     parts = {"train": [splits.train], "val": [splits.val], "train+val": [splits.train, splits.val]}[split]
     images = np.concatenate([np.stack([load_image(p, 32).numpy() for p in part.paths]) for part in parts])
     targets = torch.cat([part.targets for part in parts]).numpy().astype(int)
@@ -305,31 +313,23 @@ def test_refitting_uses_the_runs_split_method_grid_and_fallback(exported_run, tm
     grid = [0.2, 0.35, 0.55, 0.9]  # not the default grid
     record = {"method": "mcc", "split": split, "grid": grid, "fallback": "first", "image_size": 32}
     got = export.refit_int8_thresholds(model, record, splits).numpy()
-    expected = _mcc_reference(probs, targets, grid, "first")
+    expected = mcc_reference(probs, targets, grid, "first")
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert len(set(expected.tolist())) > 1 and not set(expected.tolist()) <= {0.5}
-    assert not np.allclose(expected, _mcc_reference(probs, targets, [round(0.05 * k, 2) for k in range(1, 20)],
+    assert not np.allclose(expected, mcc_reference(probs, targets, [round(0.05 * k, 2) for k in range(1, 20)],
                                                    "default"))
 
 
-def test_int8_measures_every_score_under_the_runs_rule_and_says_the_refit(exported_run, tmp_path, monkeypatch,
-                                                                         capsys):
-    from components import load_data
-    from distributed import World
-    from runs import load_config
-
-    run_dir, data = exported_run
-    run_main("--export", "onnx", "--checkpoint", run_dir, "--output", tmp_path / "m.onnx")
-    config = load_config(run_dir)
-    splits = load_data(str(data), config, False, World())
+def test_int8_measures_every_score_under_the_runs_rule_and_says_the_refit(fp32_model, run_splits, tmp_path,
+                                                                         monkeypatch, capsys):
+    config, splits = run_splits
     monkeypatch.setattr(export, "quantize_int8", lambda model, calibration: model)  # the pieces around it
     rules = []
     real = export.accuracy
     monkeypatch.setattr(export, "accuracy", lambda *a: rules.append(a[3]) or real(*a))
     fitted = {"thresholds": torch.tensor([0.35, 0.5, 0.42, 0.6, 0.28]), "compare": "gt"}
     refit = {"method": "mcc", "split": "val", "grid": GRID, "fallback": "default"}
-    done = export.export_int8((tmp_path / "m.onnx").read_bytes(), tmp_path / "m.int8.onnx", splits, config, fitted,
-                              100, 8, refit)
+    done = export.export_int8(fp32_model, tmp_path / "m.int8.onnx", splits, config, fitted, 100, 8, refit)
     assert rules == ["gt", "gt", "gt"]  # fp32, int8, int8 refitted
     measured = done["accuracy"]
     assert capsys.readouterr().out.splitlines()[-1] == (
@@ -372,14 +372,8 @@ def test_the_library_defaults_are_the_commands_and_errors_name_the_fix(tmp_path)
         export.export_run(run_dir, tmp_path / "a_file" / "m.onnx")
 
 
-def test_the_calibration_sample_is_seeded_by_the_runs_seed(exported_run):
-    from components import load_data
-    from distributed import World
-    from runs import load_config
-
-    run_dir, data = exported_run
-    config = load_config(run_dir)
-    splits = load_data(str(data), config, False, World())
+def test_the_calibration_sample_is_seeded_by_the_runs_seed(run_splits):
+    config, splits = run_splits
     for seed in (0, 3):
         got = export.calibration_sample(splits, {**config, "seed": seed}, 5)  # (5, 3, S, S)
         order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(seed))[:5]
